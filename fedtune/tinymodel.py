@@ -1,0 +1,96 @@
+"""A tiny causal LM and byte-level tokenizer, built locally and loaded like any hub model.
+
+Nothing can be downloaded on the machines fedtune is developed and tested on, so the quickstart and the
+tests use this model. It is written once with ``save_pretrained`` and then read back through the real
+``AutoModelForCausalLM.from_pretrained`` path. The build is deterministic (fixed seed, byte-level
+vocabulary with no learned merges), so every machine builds the same weights and the same base
+fingerprint: a coordinator and its contributors agree without shipping the files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+TINY_LLAMA = "builtin:tiny-llama"
+_BUILD_VERSION = "1"
+
+
+def cache_root() -> Path:
+    """Where built-in models live: ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``."""
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def builtin_path(name: str) -> Path:
+    """Directory of a built-in model, building it first if absent."""
+    if name != TINY_LLAMA:
+        raise ValueError(f"unknown built-in model {name!r}; known: {TINY_LLAMA}")
+    target = cache_root() / "models" / f"tiny-llama-v{_BUILD_VERSION}"
+    if not (target / "model.safetensors").exists():
+        build_tiny_llama(target)
+    return target
+
+
+def _byte_level_tokenizer():  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<pad>", "<s>", "</s>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=512
+    )
+
+
+def build_tiny_llama(target: Path, seed: int = 0) -> Path:
+    """Build and save the tiny Llama (about 360k parameters) and its tokenizer to ``target``.
+
+    Written to a temporary directory first and renamed, so a crash never leaves a half-built model.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
