@@ -1,0 +1,149 @@
+"""The ``fedtune`` command line.
+
+Bad input (campaign file, data) gets one line on stderr starting with ``error:`` and exit code 2,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import CampaignConfig, ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+class _ProgressReporter:
+    """Live progress for a simulation: a bar with the round and the latest eval loss."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console)
+        self.task = None
+
+    def on_start(self, cfg: CampaignConfig, row0: dict[str, Any]) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(f"campaign {cfg.campaign.name}", total=cfg.federation.rounds,
+                                           status=f"eval loss {row0['eval_loss']:.4f}")
+
+    def on_round(self, row: dict[str, Any]) -> None:
+        status = (f"round {row['round']}: eval loss {row['eval_loss']:.4f}, "
+                  f"{row['participants']} contributors")
+        self.progress.update(self.task, advance=1, status=status)
+        self.progress.console.print(f"  {status}" + ("" if row.get("applied", True) else " (no update applied)"))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedtune run {run_dir}")
+    for col in ("round", "eval loss", "perplexity", "train loss", "contributors", "declined", "up MB", "down MB",
+                "wall s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        train = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
+        table.add_row(str(r["round"]), f"{r['eval_loss']:.4f}", f"{r['perplexity']:.2f}", train,
+                      str(r["participants"]), str(r["declined"]), f"{r['bytes_up'] / 1e6:.3f}",
+                      f"{r['bytes_down'] / 1e6:.3f}", f"{r['wall_s']:.1f}")
+    console = Console()
+    console.print(table)
+    if len(rows) > 1:
+        first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
+        console.print(f"eval loss {first:.4f} -> {last:.4f} (down {(first - last) / first:.1%}); "
+                      f"adapter: {run_dir / 'adapter'}")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if args.rounds is not None:
+        out.setdefault("federation", {})["rounds"] = args.rounds
+    if args.contributors is not None:
+        out.setdefault("simulation", {})["contributors"] = args.contributors
+    return out
+
+
+def validate_campaign(path: str, overrides: dict[str, dict[str, Any]] | None = None) -> CampaignConfig:
+    """Everything that can be checked before work starts: the file, the model files, the data fields."""
+    from fedtune.data import DataError, load_raw, split_eval
+
+    cfg = load_config(path, overrides)
+    try:
+        split_eval(cfg, load_raw(cfg.data))
+    except DataError as exc:
+        raise ConfigError(path, "[data] source", str(exc).split(": ", 1)[-1]) from None
+    return cfg
+
+
+def quiet_libraries() -> None:
+    """Hide download-style progress bars and deprecation chatter that say nothing about the campaign."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtune.rundir import RunDir, fresh_run_dir
+    from fedtune.server.simulation import simulate
+
+    if not args.verbose:
+        quiet_libraries()
+    cfg = validate_campaign(args.config, _overrides(args))
+    requested = Path(args.run_dir).resolve() if args.run_dir else Path(cfg.campaign.run_dir)
+    run_dir = RunDir(fresh_run_dir(requested))
+    cfg.campaign.run_dir = str(run_dir.root)
+    run_dir.create(cfg.to_toml())
+    print(f"run dir: {run_dir.root}", file=sys.stderr)
+    reporter = _ProgressReporter()
+    try:
+        simulate(cfg, run_dir, reporter, verbose=args.verbose)
+    finally:
+        reporter.close()
+    rows = run_dir.read_metrics()
+    if len(rows) != cfg.federation.rounds + 1:
+        print(f"error: the campaign stopped after round {len(rows) - 1} of {cfg.federation.rounds}; "
+              f"see the log above", file=sys.stderr)
+        return 1
+    _summary(run_dir.root, rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning on community GPUs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a whole campaign on this machine (Flower simulation engine)")
+    sim.add_argument("config", help="campaign TOML file, e.g. experiments/quickstart.toml")
+    sim.add_argument("--run-dir", help="where to write the run (default: [campaign] run_dir)")
+    sim.add_argument("--rounds", type=int, help="override [federation] rounds")
+    sim.add_argument("--contributors", type=int, help="override [simulation] contributors")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Campaign configuration: typed sections, validated in full before any work starts.
+
+A campaign is one TOML file. Every section is a dataclass (the PEFT ``LoraConfig`` style): typed,
+validated, serialisable back to TOML. Validation names the file, the key, what was expected and
+what was found, so a researcher can fix the file from one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from fedtune.tinymodel import is_builtin
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class ConfigError(ValueError):
+    """A campaign file that cannot be run. ``str()`` is the one line shown to the user."""
+
+    def __init__(self, file: str | Path, key: str, expected: str, found: object | None = None) -> None:
+        self.file, self.key, self.expected, self.found = str(file), key, expected, found
+        found_txt = "" if found is None else f", found {found!r}"
+        super().__init__(f"{self.file}: {key}: expected {expected}{found_txt}")
+
+
+@dataclass
+class CampaignSection:
+    """Identity of the campaign; ``seed`` is public and derives FFA-LoRA's frozen A on every contributor."""
+
+    name: str = "campaign"
+    seed: int = 0
+    run_dir: str = "runs/campaign"
+
+
+@dataclass
+class ModelSection:
+    """The frozen base: a hub id, a local directory with weights, or ``builtin:tiny-llama``."""
+
+    name: str = "builtin:tiny-llama"
+    revision: str = "main"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapter. ``ffa`` freezes A (derived from the campaign seed) so aggregation is exact."""
+
+    mode: Literal["ffa", "lora"] = "ffa"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataSection:
+    """Training text: a local jsonl/json/txt/parquet/csv file or a ``datasets`` hub id."""
+
+    source: str = ""
+    format: Literal["text", "instruction"] = "text"
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    response_field: str = "response"
+    max_seq_len: int = 128
+    eval_fraction: float = 0.1
+    eval_max_examples: int = 256
+    split: str = "train"
+
+
+@dataclass
+class FederationSection:
+    """The round loop and the server optimizer (Flower's strategies)."""
+
+    rounds: int = 3
+    contributors_per_round: int = 2
+    min_cohort: int = 2
+    local_steps: int = 10
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    round_timeout_s: float = 3600.0
+
+
+@dataclass
+class SimulationSection:
+    """Virtual contributors for ``fedtune simulate``."""
+
+    contributors: int = 4
+    partitioner: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    cpus_per_contributor: float = 1.0
+
+
+@dataclass
+class CampaignConfig:
+    """A whole campaign. Build with :func:`load_config`; it is valid once built."""
+
+    campaign: CampaignSection = field(default_factory=CampaignSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+    source_file: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (TOML-serialisable, internal fields left out)."""
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str | Path = "<dict>") -> CampaignConfig:
+        return _build(raw, Path(source), resolve_paths=False)
+
+
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(CampaignConfig) if not f.metadata.get("internal")]
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> CampaignConfig:
+    """Read, validate and resolve a campaign file. Raises :class:`ConfigError` on the first problem.
+
+    Relative paths (data source, local model, run dir) are resolved against the file's folder.
+    ``overrides`` (section -> key -> value) are what command-line flags set.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, "(file)", "a readable campaign TOML file", "nothing at that path")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "(syntax)", "valid TOML", str(exc)) from None
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return _build(raw, path, resolve_paths=True)
+
+
+def _build(raw: dict[str, Any], path: Path, resolve_paths: bool) -> CampaignConfig:
+    known = {f.name: f for f in _sections()}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(path, f"[{key}]", f"one of the sections {sorted(known)}", "an unknown section")
+    sections = {}
+    hints = typing.get_type_hints(CampaignConfig)
+    for name in known:
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(path, f"[{name}]", "a table", values)
+        sections[name] = _build_section(hints[name], values, path, name)
+    cfg = CampaignConfig(**sections, source_file=str(path))
+    _check_semantics(cfg, path)
+    if resolve_paths:
+        _resolve_paths(cfg, path)
+    return cfg
+
+
+def _build_section(cls: type, values: dict[str, Any], path: Path, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(path, f"[{section}] {key}", f"one of the keys {sorted(names)}", "an unknown key")
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _check_type(value, hints[key], path, f"[{section}] {key}")
+    return cls(**kwargs)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "nothing"}.get(tp, str(tp))
+
+
+def _check_type(value: Any, tp: Any, path: Path, key: str) -> Any:
+    origin = get_origin(tp)
+    ok = False
+    if origin is Literal:
+        ok = value in get_args(tp)
+    elif origin is list:
+        ok = isinstance(value, list)
+        if ok:
+            return [_check_type(v, get_args(tp)[0], path, key) for v in value]
+    elif origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _check_type(value, option, path, key)
+            except ConfigError:
+                continue
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is type(None):
+        ok = value is None
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(path, key, _describe(tp), value)
+    return value
+
+
+def _require(cond: bool, path: Path, key: str, expected: str, found: object) -> None:
+    if not cond:
+        raise ConfigError(path, key, expected, found)
+
+
+def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
+    """Value ranges and cross-field rules that types alone cannot express."""
+    fed, sim, lora, data = cfg.federation, cfg.simulation, cfg.lora, cfg.data
+    positive_ints = {
+        "[lora] rank": lora.rank, "[data] max_seq_len": data.max_seq_len,
+        "[federation] rounds": fed.rounds, "[federation] contributors_per_round": fed.contributors_per_round,
+        "[federation] min_cohort": fed.min_cohort, "[federation] local_steps": fed.local_steps,
+        "[federation] batch_size": fed.batch_size, "[simulation] contributors": sim.contributors,
+    }
+    for key, value in positive_ints.items():
+        _require(value >= 1, path, key, "an integer >= 1", value)
+    for key, value in {"[federation] learning_rate": fed.learning_rate, "[lora] alpha": lora.alpha,
+                       "[federation] server_learning_rate": fed.server_learning_rate,
+                       "[simulation] dirichlet_alpha": sim.dirichlet_alpha,
+                       "[federation] round_timeout_s": fed.round_timeout_s,
+                       "[simulation] cpus_per_contributor": sim.cpus_per_contributor}.items():
+        _require(value > 0, path, key, "a number > 0", value)
+    _require(0 <= lora.dropout < 1, path, "[lora] dropout", "a number in [0, 1)", lora.dropout)
+    _require(0 <= fed.server_momentum < 1, path, "[federation] server_momentum", "a number in [0, 1)",
+             fed.server_momentum)
+    _require(0 < data.eval_fraction < 1, path, "[data] eval_fraction", "a number in (0, 1)", data.eval_fraction)
+    _require(data.eval_max_examples >= 1, path, "[data] eval_max_examples", "an integer >= 1",
+             data.eval_max_examples)
+    _require(len(lora.target_modules) > 0, path, "[lora] target_modules", "a non-empty list of module names",
+             lora.target_modules)
+    _require(data.source != "", path, "[data] source", "a local data file or a datasets hub id", data.source)
+    _require(fed.min_cohort <= fed.contributors_per_round, path, "[federation] min_cohort",
+             f"at most contributors_per_round ({fed.contributors_per_round})", fed.min_cohort)
+    _require(fed.contributors_per_round <= sim.contributors, path, "[federation] contributors_per_round",
+             f"at most [simulation] contributors ({sim.contributors})", fed.contributors_per_round)
+    _require(cfg.campaign.run_dir != "", path, "[campaign] run_dir", "a directory path", cfg.campaign.run_dir)
+
+
+def looks_local(source: str) -> bool:
+    """A data source or model name that names a local path rather than a hub id."""
+    return (source.startswith((".", "/", "~")) or source.endswith(LOCAL_DATA_SUFFIXES)
+            or source.count("/") > 1 or Path(source).exists())
+
+
+def _resolve_paths(cfg: CampaignConfig, path: Path) -> None:
+    base = path.resolve().parent
+
+    def resolve(p: str) -> str:
+        return str((base / Path(p).expanduser()).resolve())
+
+    if looks_local(cfg.data.source):
+        cfg.data.source = resolve(cfg.data.source)
+        _require(Path(cfg.data.source).exists(), path, "[data] source", "an existing data file or directory",
+                 cfg.data.source)
+    if not is_builtin(cfg.model.name) and looks_local(cfg.model.name):
+        cfg.model.name = resolve(cfg.model.name)
+        model_dir = Path(cfg.model.name)
+        _require(model_dir.is_dir(), path, "[model] name", "a model directory (or hub id)", cfg.model.name)
+        _require((model_dir / "config.json").is_file(), path, "[model] name",
+                 "a model directory containing config.json", cfg.model.name)
+        _require(any((model_dir / w).is_file() for w in WEIGHT_FILES), path, "[model] name",
+                 f"a model directory with weights ({' or '.join(WEIGHT_FILES[::2])})", cfg.model.name)
+    cfg.campaign.run_dir = resolve(cfg.campaign.run_dir)

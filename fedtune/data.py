@@ -1,0 +1,138 @@
+"""Campaign data: load with ``datasets``, hold out the server's eval split, partition, tokenize, batch.
+
+Every process (server and each contributor) derives the same split from the campaign seed, so in
+simulation a virtual contributor loads only its own partition and never sees the eval split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_dataset
+
+from fedtune.config import CampaignConfig, DataSection
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n### Response:\n{response}"
+
+
+class DataError(ValueError):
+    """Data that does not match the campaign's ``[data]`` section."""
+
+
+def load_raw(data: DataSection) -> Dataset:
+    """The whole dataset as one ``datasets.Dataset`` (local file, local dataset folder, or hub id)."""
+    path = Path(data.source)
+    if path.is_file():
+        builder = _BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(f"{data.source}: expected a file ending in {sorted(_BUILDERS)}")
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    else:
+        ds = load_dataset(data.source, split=data.split)
+    needed = [data.text_field] if data.format == "text" else [data.instruction_field, data.response_field]
+    if path.suffix == ".txt":
+        needed = ["text"]
+    missing = [f for f in needed if f not in ds.column_names]
+    if missing:
+        raise DataError(f"{data.source}: [data] {data.format} format needs field(s) {missing}, "
+                        f"found columns {ds.column_names}")
+    return ds
+
+
+def render(data: DataSection, row: dict) -> str:
+    if data.format == "instruction":
+        return INSTRUCTION_TEMPLATE.format(instruction=row[data.instruction_field],
+                                           response=row[data.response_field])
+    return row[data.text_field if data.text_field in row else "text"]
+
+
+def split_eval(cfg: CampaignConfig, ds: Dataset) -> tuple[Dataset, Dataset]:
+    """(train pool, held-out eval set): a seeded shuffle, the first ``eval_fraction`` held out."""
+    ds = ds.shuffle(seed=cfg.campaign.seed)
+    n_eval = max(1, min(cfg.data.eval_max_examples, int(len(ds) * cfg.data.eval_fraction)))
+    if len(ds) - n_eval < cfg.simulation.contributors:
+        raise DataError(f"{cfg.data.source}: {len(ds)} examples is too few for an eval split of {n_eval} "
+                        f"and {cfg.simulation.contributors} contributors")
+    return ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
+
+
+def partition(cfg: CampaignConfig, pool: Dataset, partition_id: int, num_partitions: int,
+              partition_by: str | None = None) -> Dataset:
+    """One virtual contributor's shard, cut by ``flwr-datasets`` partitioners."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    sim = cfg.simulation
+    if sim.partitioner == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        key = partition_by or _label_column(cfg, pool)
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by=key,
+                                           alpha=sim.dirichlet_alpha, min_partition_size=1,
+                                           seed=cfg.campaign.seed)
+    partitioner.dataset = pool
+    return partitioner.load_partition(partition_id)
+
+
+def _label_column(cfg: CampaignConfig, pool: Dataset) -> str:
+    """Dirichlet needs a label: the first string column that is not the text itself."""
+    text_cols = {cfg.data.text_field, cfg.data.instruction_field, cfg.data.response_field}
+    for name in pool.column_names:
+        if name not in text_cols:
+            return name
+    raise DataError(f"{cfg.data.source}: the dirichlet partitioner needs a label column besides the text; "
+                    f"found only {pool.column_names}")
+
+
+@dataclass
+class TokenizedSet:
+    """Token ids of each example, unpadded; batches are padded on demand."""
+
+    ids: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [self.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def batches(self, batch_size: int, steps: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``steps`` batches, walking seeded permutations of the set (epochs as needed)."""
+        gen = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        for _ in range(steps):
+            if len(order) < batch_size:
+                order += torch.randperm(len(self), generator=gen).tolist()
+            batch, order = order[:batch_size], order[batch_size:]
+            yield self.collate(batch)
+
+    def tokens(self) -> int:
+        return sum(len(r) - 1 for r in self.ids)
+
+
+def tokenize(data: DataSection, ds: Dataset, tokenizer) -> TokenizedSet:
+    texts = [render(data, row) for row in ds]
+    ids = tokenizer(texts, truncation=True, max_length=data.max_seq_len - 1, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return TokenizedSet(ids=[r + [eos] for r in ids if len(r) > 0], pad_id=tokenizer.pad_token_id)
+
+
+def load_eval(cfg: CampaignConfig, tokenizer) -> TokenizedSet:
+    _, eval_ds = split_eval(cfg, load_raw(cfg.data))
+    return tokenize(cfg.data, eval_ds, tokenizer)
+
+
+def load_shard(cfg: CampaignConfig, tokenizer, partition_id: int, num_partitions: int) -> TokenizedSet:
+    pool, _ = split_eval(cfg, load_raw(cfg.data))
+    return tokenize(cfg.data, partition(cfg, pool, partition_id, num_partitions), tokenizer)

@@ -1,0 +1,619 @@
+"""The compute-credit ledger: who contributed what, per round, durably and exactly once.
+
+Why a database: credit is the community's visible reward, so it must survive coordinator crashes and
+restarts, and replaying a round after a crash must never credit twice. Each (campaign, round, contributor)
+has at most one row (a unique constraint); rows are written with ``INSERT ... ON CONFLICT DO NOTHING`` on
+SQLite and PostgreSQL (check-then-insert in the same transaction elsewhere), one transaction per round.
+
+Storage is SQLAlchemy 2.x: by default an embedded SQLite file ``RUN_DIR/ledger.sqlite``, or any SQLAlchemy
+URL (``postgresql+psycopg://user:pw@host/db``). The schema is managed by Alembic; the migrations ship inside
+the package (``fedtune/ledger_migrations``) and :meth:`Ledger.open` upgrades the database to head.
+
+Credit is computed here, from what the server assigned (see :mod:`fedtune.credit` for the formula and unit),
+never from what a contributor reports. Reported wall time is stored and checked against the contributor's
+declared peak FLOP/s; impossible claims are flagged, not rewarded and not dropped. Totals and recent
+average credit (7-day half-life) are computed at query time from an injectable clock.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from fedtune.credit import (
+    RAC_HALF_LIFE,
+    assigned_flops,
+    is_impossible_claim,
+    recent_average_credit,
+    round_credit,
+)
+
+LEDGER_FILENAME = "ledger.sqlite"
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("ledger_migrations")
+
+Status = Literal["included", "declined", "dropped", "late", "failed"]
+STATUSES: tuple[str, ...] = get_args(Status)
+
+RAC_HORIZON = 40 * RAC_HALF_LIFE
+"""Grants older than this weigh < 1e-12 in RAC and are not read back for it."""
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The default clock."""
+    return datetime.now(UTC)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment!r}: the ledger needs timezone-aware times")
+    return moment.astimezone(UTC)
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware datetimes stored as naive UTC, so SQLite (no time zones) and PostgreSQL read back the same."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else _as_utc(value).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class ContributorRow(Base):
+    """A contributor: stable id (public-key fingerprint or simulated), display name, team, hardware."""
+
+    __tablename__ = "contributors"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    team: Mapped[str | None] = mapped_column(sa.String(200), index=True)
+    declared_peak_flops: Mapped[float | None] = mapped_column(sa.Double)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoundCreditRow(Base):
+    """One contributor's outcome in one round: assigned work, credit granted, the claim and its check."""
+
+    __tablename__ = "round_credits"
+    __table_args__ = (
+        sa.UniqueConstraint("campaign", "round", "contributor_id"),
+        sa.CheckConstraint(sa.column("status").in_(STATUSES), name="status"),
+        sa.Index(None, "contributor_id", "recorded_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True)
+    campaign: Mapped[str] = mapped_column(sa.String(200))
+    round: Mapped[int] = mapped_column(sa.Integer)
+    contributor_id: Mapped[str] = mapped_column(sa.ForeignKey("contributors.id"))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    assigned_examples: Mapped[int] = mapped_column(sa.BigInteger)
+    assigned_tokens: Mapped[int] = mapped_column(sa.BigInteger)
+    flops_per_token: Mapped[float] = mapped_column(sa.Double)
+    assigned_flops: Mapped[float] = mapped_column(sa.Double)
+    credit: Mapped[float] = mapped_column(sa.Double)
+    reported_wall_s: Mapped[float | None] = mapped_column(sa.Double)
+    declared_peak_flops: Mapped[float | None] = mapped_column(sa.Double)
+    flagged: Mapped[bool] = mapped_column(sa.Boolean)
+    flag_reason: Mapped[str | None] = mapped_column(sa.Text)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# ------------------------------------------------------------------------------------------ value types
+
+
+@dataclass(frozen=True)
+class Contributor:
+    """A registered contributor as the ledger knows it."""
+
+    id: str
+    name: str
+    team: str | None = None
+    declared_peak_flops: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundEntry:
+    """What the server knows about one cohort member after a round.
+
+    ``assigned_examples``/``assigned_tokens`` are the work the server asked for (they set the credit);
+    ``reported_wall_s`` is the contributor's claim (only checked). ``reason`` says why a contributor that is
+    not ``included`` got nothing; it defaults to the status.
+    """
+
+    contributor_id: str
+    status: Status
+    assigned_examples: int = 0
+    assigned_tokens: int = 0
+    reported_wall_s: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundCredit:
+    """A ledger row as written: the entry plus what the server computed from it."""
+
+    campaign: str
+    round: int
+    contributor_id: str
+    status: str
+    reason: str | None
+    assigned_examples: int
+    assigned_tokens: int
+    flops_per_token: float
+    assigned_flops: float
+    credit: float
+    reported_wall_s: float | None
+    declared_peak_flops: float | None
+    flagged: bool
+    flag_reason: str | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    """One contributor's standing: included rounds, total credit, RAC (credits/day) and flagged claims."""
+
+    rank: int
+    contributor_id: str
+    name: str
+    team: str | None
+    rounds: int
+    missed_rounds: int
+    total_credit: float
+    rac: float
+    flagged_rounds: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TeamRow:
+    """A team's standing: sums over its members."""
+
+    rank: int
+    team: str
+    members: int
+    rounds: int
+    total_credit: float
+    rac: float
+    flagged_rounds: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Tally:
+    rounds: int = 0
+    missed: int = 0
+    total: float = 0.0
+    flagged: int = 0
+    grants: list[tuple[datetime, float]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ ledger
+
+
+def default_url(run_dir: str | Path) -> str:
+    """SQLAlchemy URL of the embedded ledger of a run: ``sqlite:///RUN_DIR/ledger.sqlite``."""
+    return f"sqlite:///{Path(run_dir).resolve() / LEDGER_FILENAME}"
+
+
+def resolve_url(run_dir: str | Path | None = None, db: str | None = None) -> str:
+    """``db`` if given (any SQLAlchemy URL), else the run dir's embedded SQLite file."""
+    if db:
+        return db
+    if run_dir is None:
+        raise ValueError("need a ledger URL or a run directory")
+    return default_url(run_dir)
+
+
+def redact(url: str | sa.URL) -> str:
+    """A URL fit for messages and logs: the password masked."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets `fedtune credits` read while the coordinator writes; foreign keys are off by default.
+    cursor = dbapi_connection.cursor()
+    for pragma in ("foreign_keys=ON", "journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def upgrade_to_head(connection: Connection) -> None:
+    """Run the packaged Alembic migrations on ``connection`` up to head (a no-op when current)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert round rows, skipping any (campaign, round, contributor) already there; return ids written."""
+    key = ["campaign", "round", "contributor_id"]
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = insert(RoundCreditRow).on_conflict_do_nothing(index_elements=key)
+        result = session.execute(stmt.returning(RoundCreditRow.contributor_id), rows)
+        return set(result.scalars())
+    campaign, round_ = rows[0]["campaign"], rows[0]["round"]
+    existing = set(
+        session.scalars(
+            sa.select(RoundCreditRow.contributor_id).where(
+                RoundCreditRow.campaign == campaign, RoundCreditRow.round == round_
+            )
+        )
+    )
+    fresh = [row for row in rows if row["contributor_id"] not in existing]
+    if fresh:
+        session.execute(sa.insert(RoundCreditRow), fresh)
+    return {row["contributor_id"] for row in fresh}
+
+
+class Ledger:
+    """Credit ledger on one database. Open with :meth:`open`; use as a context manager or call :meth:`close`.
+
+    Parameters
+    ----------
+    engine : Engine
+        Where the ledger lives; its schema must be at head (``open`` sees to that).
+    clock : callable, optional
+        Returns the current aware datetime; the default for every ``now`` argument (inject one in tests).
+    """
+
+    def __init__(self, engine: Engine, clock: Clock = utc_now) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str | Path, *, clock: Clock = utc_now, migrate: bool = True) -> Ledger:
+        """Open (creating and migrating if needed) the ledger at a SQLAlchemy URL or SQLite file path."""
+        if isinstance(url, Path) or "://" not in url:
+            path = Path(url).resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{path}"
+        engine = sa.create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        if migrate:
+            with engine.begin() as connection:
+                upgrade_to_head(connection)
+        return cls(engine, clock)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- contributors
+
+    def register_contributor(
+        self, id: str, name: str, team: str | None = None, declared_peak_flops: float | None = None
+    ) -> Contributor:
+        """Add a contributor, or update its name and team (and peak, if given) when it is known already."""
+        return self.register_contributors([Contributor(id, name, team, declared_peak_flops)])[0]
+
+    def register_contributors(self, contributors: Iterable[Contributor]) -> list[Contributor]:
+        """Register many contributors in one transaction (a campaign's whole cohort, say)."""
+        wanted = list(contributors)
+        for contributor in wanted:
+            if not contributor.id or not contributor.name:
+                raise ValueError(f"contributor needs an id and a name: {contributor!r}")
+            if contributor.declared_peak_flops is not None and contributor.declared_peak_flops <= 0:
+                raise ValueError(f"declared peak FLOP/s must be > 0: {contributor!r}")
+        now = self.clock()
+        with self._sessions.begin() as session:
+            known = {
+                row.id: row
+                for row in session.scalars(
+                    sa.select(ContributorRow).where(ContributorRow.id.in_({c.id for c in wanted}))
+                )
+            }
+            for contributor in wanted:
+                row = known.get(contributor.id)
+                if row is None:
+                    row = known[contributor.id] = ContributorRow(id=contributor.id, registered_at=now)
+                    session.add(row)
+                row.name, row.team = contributor.name, contributor.team
+                if contributor.declared_peak_flops is not None:
+                    row.declared_peak_flops = contributor.declared_peak_flops
+            return [_contributor(known[c.id]) for c in wanted]
+
+    def contributor(self, id: str) -> Contributor | None:
+        with self._sessions() as session:
+            row = session.get(ContributorRow, id)
+            return None if row is None else _contributor(row)
+
+    # ---------------------------------------------------------------------------------------- rounds
+
+    def record_round(
+        self,
+        campaign: str,
+        round: int,
+        entries: Sequence[RoundEntry],
+        now: datetime | None = None,
+        *,
+        flops_per_token: float,
+    ) -> list[RoundCredit]:
+        """Credit one round, exactly once per contributor, in one transaction.
+
+        Parameters
+        ----------
+        campaign, round : str, int
+            Which round. Replaying it (after a coordinator crash) writes nothing for contributors already
+            recorded; their rows are never changed.
+        entries : sequence of RoundEntry
+            Every cohort member and its outcome. Only ``included`` ones earn credit.
+        now : datetime, optional
+            Grant time (aware); defaults to the ledger's clock.
+        flops_per_token : float
+            Nominal training FLOPs per token of the campaign's model
+            (:func:`fedtune.credit.train_flops_per_token`).
+
+        Returns
+        -------
+        list of RoundCredit
+            The rows this call wrote, in entry order (empty on a full replay).
+        """
+        _check_round(campaign, round, entries, flops_per_token)
+        if not entries:
+            return []
+        recorded_at = _as_utc(now or self.clock())
+        ids = {entry.contributor_id for entry in entries}
+        with self._sessions.begin() as session:
+            peaks = dict(
+                session.execute(
+                    sa.select(ContributorRow.id, ContributorRow.declared_peak_flops).where(
+                        ContributorRow.id.in_(ids)
+                    )
+                ).tuples()
+            )
+            unknown = sorted(ids - peaks.keys())
+            if unknown:
+                raise ValueError(f"unregistered contributors in {campaign} round {round}: {unknown}")
+            credits = [
+                _credit_row(campaign, round, entry, flops_per_token, peaks[entry.contributor_id], recorded_at)
+                for entry in entries
+            ]
+            written = _insert_ignoring_duplicates(session, [asdict(credit) for credit in credits])
+        return [credit for credit in credits if credit.contributor_id in written]
+
+    def round_recorded(self, campaign: str, round: int) -> bool:
+        """Whether any outcome of this round is in the ledger (the coordinator checks before replaying)."""
+        stmt = sa.select(
+            sa.exists().where(RoundCreditRow.campaign == campaign, RoundCreditRow.round == round)
+        )
+        with self._sessions() as session:
+            return bool(session.scalar(stmt))
+
+    def round_entries(self, campaign: str, round: int) -> list[RoundCredit]:
+        """Everything recorded for one round, by contributor id."""
+        stmt = (
+            sa.select(RoundCreditRow)
+            .where(RoundCreditRow.campaign == campaign, RoundCreditRow.round == round)
+            .order_by(RoundCreditRow.contributor_id)
+        )
+        with self._sessions() as session:
+            return [_round_credit(row) for row in session.scalars(stmt)]
+
+    # -------------------------------------------------------------------------------------- standings
+
+    def leaderboard(
+        self, campaign: str | None = None, now: datetime | None = None, limit: int | None = None
+    ) -> list[LeaderboardRow]:
+        """Contributors ranked by total credit, then RAC (as of ``now``), then name.
+
+        With ``campaign=None`` it spans all campaigns and lists every registered contributor; with a
+        campaign, only those that took part in it.
+        """
+        now = _as_utc(now or self.clock())
+        tallies = self._tallies(campaign, now)
+        with self._sessions() as session:
+            stmt = sa.select(ContributorRow)
+            if campaign is not None:
+                stmt = stmt.where(ContributorRow.id.in_(tallies.keys()))
+            people = list(session.scalars(stmt))
+        scored = []
+        for person in people:
+            tally = tallies.get(person.id, _Tally())
+            rac = recent_average_credit(tally.grants, now)
+            scored.append((person, tally, rac))
+        scored.sort(key=lambda item: (-item[1].total, -item[2], item[0].name, item[0].id))
+        rows = [
+            LeaderboardRow(
+                rank=rank,
+                contributor_id=person.id,
+                name=person.name,
+                team=person.team,
+                rounds=tally.rounds,
+                missed_rounds=tally.missed,
+                total_credit=tally.total,
+                rac=rac,
+                flagged_rounds=tally.flagged,
+            )
+            for rank, (person, tally, rac) in enumerate(scored, start=1)
+        ]
+        return rows if limit is None else rows[:limit]
+
+    def team_totals(self, campaign: str | None = None, now: datetime | None = None) -> list[TeamRow]:
+        """Teams ranked by total credit; contributors without a team are left out."""
+        members: dict[str, list[LeaderboardRow]] = defaultdict(list)
+        for row in self.leaderboard(campaign, now):
+            if row.team:
+                members[row.team].append(row)
+        teams = sorted(
+            members.items(),
+            key=lambda item: (-sum(r.total_credit for r in item[1]), -sum(r.rac for r in item[1]), item[0]),
+        )
+        return [
+            TeamRow(
+                rank=rank,
+                team=team,
+                members=len(rows),
+                rounds=sum(r.rounds for r in rows),
+                total_credit=sum(r.total_credit for r in rows),
+                rac=sum(r.rac for r in rows),
+                flagged_rounds=sum(r.flagged_rounds for r in rows),
+            )
+            for rank, (team, rows) in enumerate(teams, start=1)
+        ]
+
+    def _tallies(self, campaign: str | None, now: datetime) -> dict[str, _Tally]:
+        """Per-contributor counts and sums in SQL, plus the recent grants RAC is decayed from."""
+        table = RoundCreditRow
+        included = table.status == "included"
+        where = [] if campaign is None else [table.campaign == campaign]
+        counts = (
+            sa.select(
+                table.contributor_id,
+                sa.func.sum(sa.case((included, 1), else_=0)),
+                sa.func.sum(sa.case((included, 0), else_=1)),
+                sa.func.sum(table.credit),
+                sa.func.sum(sa.case((table.flagged, 1), else_=0)),
+            )
+            .where(*where)
+            .group_by(table.contributor_id)
+        )
+        grants = sa.select(table.contributor_id, table.recorded_at, table.credit).where(
+            *where, table.credit > 0, table.recorded_at >= now - RAC_HORIZON
+        )
+        tallies: dict[str, _Tally] = {}
+        with self._sessions() as session:
+            for cid, rounds, missed, total, flagged in session.execute(counts).tuples():
+                tallies[cid] = _Tally(int(rounds or 0), int(missed or 0), float(total or 0.0), int(flagged or 0))
+            for cid, recorded_at, credit in session.execute(grants).tuples():
+                tallies[cid].grants.append((recorded_at, credit))
+        return tallies
+
+
+def top_contributors(
+    ledger: Ledger, n: int, campaign: str | None = None, now: datetime | None = None
+) -> list[LeaderboardRow]:
+    """The ``n`` highest-credited contributors (for the end-of-simulation summary)."""
+    return ledger.leaderboard(campaign, now, limit=n)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_round(campaign: str, round: int, entries: Sequence[RoundEntry], flops_per_token: float) -> None:
+    if not campaign:
+        raise ValueError("campaign name is empty")
+    if round < 0:
+        raise ValueError(f"round must be >= 0, got {round}")
+    if not flops_per_token > 0:
+        raise ValueError(f"flops_per_token must be > 0, got {flops_per_token}")
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.status not in STATUSES:
+            raise ValueError(f"status {entry.status!r} not one of {STATUSES}")
+        if entry.assigned_examples < 0 or entry.assigned_tokens < 0:
+            raise ValueError(f"negative assigned work: {entry!r}")
+        if entry.contributor_id in seen:
+            raise ValueError(f"contributor {entry.contributor_id} appears twice in round {round}")
+        seen.add(entry.contributor_id)
+
+
+def _credit_row(
+    campaign: str,
+    round: int,
+    entry: RoundEntry,
+    flops_per_token: float,
+    peak: float | None,
+    recorded_at: datetime,
+) -> RoundCredit:
+    """Compute what the server grants for one entry: credit only if included, a flag if the claim is absurd."""
+    flops = assigned_flops(entry.assigned_tokens, flops_per_token)
+    flagged = is_impossible_claim(flops, entry.reported_wall_s, peak)
+    flag_reason = None
+    if flagged:
+        flag_reason = (
+            f"claimed {entry.reported_wall_s} s for {flops:.4g} assigned FLOPs, faster than the declared "
+            f"peak of {peak:.4g} FLOP/s allows"
+        )
+    included = entry.status == "included"
+    return RoundCredit(
+        campaign=campaign,
+        round=round,
+        contributor_id=entry.contributor_id,
+        status=entry.status,
+        reason=entry.reason if included else (entry.reason or entry.status),
+        assigned_examples=entry.assigned_examples,
+        assigned_tokens=entry.assigned_tokens,
+        flops_per_token=float(flops_per_token),
+        assigned_flops=flops,
+        credit=round_credit(entry.assigned_tokens, flops_per_token) if included else 0.0,
+        reported_wall_s=entry.reported_wall_s,
+        declared_peak_flops=peak,
+        flagged=flagged,
+        flag_reason=flag_reason,
+        recorded_at=recorded_at,
+    )
+
+
+def _contributor(row: ContributorRow) -> Contributor:
+    return Contributor(row.id, row.name, row.team, row.declared_peak_flops)
+
+
+def _round_credit(row: RoundCreditRow) -> RoundCredit:
+    return RoundCredit(**{name: getattr(row, name) for name in RoundCredit.__dataclass_fields__})
+
+
+__all__ = [
+    "LEDGER_FILENAME",
+    "STATUSES",
+    "Contributor",
+    "LeaderboardRow",
+    "Ledger",
+    "RoundCredit",
+    "RoundEntry",
+    "Status",
+    "TeamRow",
+    "default_url",
+    "redact",
+    "resolve_url",
+    "top_contributors",
+    "upgrade_to_head",
+    "utc_now",
+]

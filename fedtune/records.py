@@ -1,0 +1,33 @@
+"""Conversions between fedtune's objects and Flower records (what crosses the wire)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedtune.config import CampaignConfig
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord (the tensors, not the framing)."""
+    return sum(len(arr.data) for arr in record.values())
+
+
+def campaign_to_record(cfg: CampaignConfig, **extra: int | float | str | bool) -> ConfigRecord:
+    """The round config: the resolved campaign (as TOML) plus per-round values."""
+    return ConfigRecord({"campaign-toml": cfg.to_toml(), **extra})
+
+
+def campaign_from_record(record: ConfigRecord) -> tuple[str, CampaignConfig]:
+    text = str(record["campaign-toml"])
+    import tomllib
+
+    return text, CampaignConfig.from_dict(tomllib.loads(text), source="<coordinator>")

@@ -1,0 +1,102 @@
+"""The run directory that a campaign writes and later tools read.
+
+Layout::
+
+    config.toml            the resolved campaign config
+    metrics.jsonl          one JSON object per round (round 0 = the initial adapter)
+    adapter/               the latest shared adapter, PEFT format
+    checkpoints/round-N/   the shared adapter after round N
+
+Every file and folder is written under a temporary name and renamed into place, so a crash leaves the
+previous complete version, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_dir(path: Path, fill: Callable[[Path], None]) -> None:
+    """Create folder ``path`` by letting ``fill`` write into a temporary sibling, then swapping it in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fresh_run_dir(requested: Path) -> Path:
+    """``requested`` if it is free, else the first free ``requested-2``, ``requested-3``, …"""
+    candidate, n = requested, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = requested.with_name(f"{requested.name}-{n}")
+    return candidate
+
+
+class RunDir:
+    """Paths and writers of one campaign run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    def checkpoint(self, server_round: int) -> Path:
+        return self.root / "checkpoints" / f"round-{server_round}"
+
+    def contributor_state(self, contributor: str) -> Path:
+        return self.root / "contributors" / contributor
+
+    def create(self, config_toml: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config, config_toml)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line]
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        rows = [r for r in self.read_metrics() if r.get("round") != row.get("round")] + [row]
+        atomic_write_text(self.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -1,0 +1,132 @@
+"""The coordinator's round loop: sample, send, collect, aggregate, evaluate, checkpoint, record.
+
+fedtune owns the loop (rather than ``Strategy.start``) because each round must also handle declined
+contributors, write the run directory and report progress; the sampling, weighted averaging and
+server optimizer are Flower's strategy methods, called as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedtune.config import CampaignConfig
+from fedtune.data import load_eval
+from fedtune.evaluation import evaluate_loss
+from fedtune.modeling import base_fingerprint, build_model, load_trainable, trainable_arrays
+from fedtune.records import arrays_from_record, arrays_to_record, campaign_to_record, record_nbytes
+from fedtune.rundir import RunDir, atomic_write_dir
+from fedtune.strategies.factory import build_strategy
+
+log = logging.getLogger("fedtune.server")
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI draws it, tests collect it."""
+
+    def on_start(self, cfg: CampaignConfig, row0: dict[str, Any]) -> None: ...
+
+    def on_round(self, row: dict[str, Any]) -> None: ...
+
+
+class LogReporter:
+    def on_start(self, cfg: CampaignConfig, row0: dict[str, Any]) -> None:
+        log.info("campaign %s: initial eval loss %.4f", cfg.campaign.name, row0["eval_loss"])
+
+    def on_round(self, row: dict[str, Any]) -> None:
+        log.info("round %d: eval loss %.4f, %d participants", row["round"], row["eval_loss"], row["participants"])
+
+
+@dataclass
+class RoundReplies:
+    """A round's replies sorted by outcome."""
+
+    accepted: list[Message] = field(default_factory=list)
+    declined: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+    @classmethod
+    def sort(cls, replies: Iterable[Message]) -> RoundReplies:
+        out = cls()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                out.failed.append((node, msg.error.reason))
+            elif int(msg.content["metrics"].get("declined", 0)):
+                out.declined.append((node, str(msg.content["reason"]["reason"])))
+            else:
+                out.accepted.append(msg)
+        return out
+
+
+class CampaignServer:
+    """Runs a campaign's rounds against a Flower grid and writes the run directory."""
+
+    def __init__(self, cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None) -> None:
+        self.cfg, self.run_dir, self.reporter = cfg, run_dir, reporter or LogReporter()
+        self.model, tokenizer = build_model(cfg)
+        self.eval_set = load_eval(cfg, tokenizer)
+        self.fingerprint = base_fingerprint(cfg.model)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_loss(self.model, self.eval_set)
+
+    def save_adapter(self, server_round: int) -> None:
+        atomic_write_dir(self.run_dir.checkpoint(server_round), self.model.save_pretrained)
+        atomic_write_dir(self.run_dir.adapter, self.model.save_pretrained)
+
+    def run(self, grid: Grid) -> list[dict[str, Any]]:
+        cfg, fed = self.cfg, self.cfg.federation
+        random.seed(cfg.campaign.seed)  # Flower samples cohorts with the global RNG
+        strategy = build_strategy(cfg, len(list(grid.get_node_ids())))
+        row0 = {"round": 0, **self.evaluate(), "train_loss": None, "participants": 0, "declined": 0,
+                "failed": 0, "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
+        self.run_dir.append_metrics(row0)
+        self.save_adapter(0)
+        self.reporter.on_start(cfg, row0)
+        rows = [row0]
+        arrays = trainable_arrays(self.model)
+        for server_round in range(1, fed.rounds + 1):
+            start = time.perf_counter()
+            record = arrays_to_record(arrays)
+            config = campaign_to_record(cfg, **{"base-fingerprint": self.fingerprint})
+            messages = list(strategy.configure_train(server_round, record, config, grid))
+            replies = RoundReplies.sort(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+            round_trip_s = time.perf_counter() - start
+            for node, reason in replies.declined:
+                log.warning("round %d: contributor %s declined: %s", server_round, node, reason)
+            for node, reason in replies.failed:
+                log.warning("round %d: contributor %s failed: %s", server_round, node, reason)
+            applied = len(replies.accepted) >= fed.min_cohort
+            train_loss = None
+            if applied:
+                new_record, train_metrics = strategy.aggregate_train(server_round, replies.accepted)
+                arrays = arrays_from_record(new_record)
+                load_trainable(self.model, arrays)
+                train_loss = float(train_metrics["train_loss"]) if train_metrics else None
+            else:
+                log.warning("round %d: %d accepted replies, below the minimum cohort %d; no update applied",
+                            server_round, len(replies.accepted), fed.min_cohort)
+            row = {
+                "round": server_round, **self.evaluate(), "train_loss": train_loss, "applied": applied,
+                "participants": len(replies.accepted) if applied else 0,
+                "sampled": len(messages), "declined": len(replies.declined),
+                "failed": len(messages) - len(replies.accepted) - len(replies.declined),  # errors + no reply
+                "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies.accepted),
+                "tokens": sum(int(m.content["metrics"]["tokens"]) for m in replies.accepted),
+                "bytes_down": record_nbytes(record) * len(messages),
+                "bytes_up": sum(record_nbytes(m.content["arrays"]) for m in replies.accepted),
+                "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
+            }
+            self.save_adapter(server_round)
+            self.run_dir.append_metrics(row)
+            self.reporter.on_round(row)
+            rows.append(row)
+        return rows

@@ -1,0 +1,34 @@
+"""``fedtune simulate``: the whole campaign on one machine in Flower's simulation engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fedtune.config import CampaignConfig
+from fedtune.rundir import RunDir
+
+from .app import make_server_app
+from .round_loop import Reporter
+
+
+def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None,
+             verbose: bool = False) -> None:
+    """Run every round with ``[simulation] contributors`` virtual SuperNodes (Ray actors)."""
+    from flwr.simulation import run_simulation
+
+    from fedtune.clients.app import app as client_app
+
+    if not verbose:
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sim = cfg.simulation
+    backend_config = {
+        "client_resources": {"num_cpus": sim.cpus_per_contributor, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR" if not verbose else "INFO",
+                      "log_to_driver": verbose, "include_dashboard": False},
+    }
+    run_simulation(server_app=make_server_app(cfg, run_dir, reporter), client_app=client_app,
+                   num_supernodes=sim.contributors, backend_config=backend_config, verbose_logging=verbose)
