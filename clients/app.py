@@ -12,12 +12,18 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
 from fedtune.data import TokenizedSet, load_shard
-from fedtune.modeling import FingerprintMismatch, build_model, check_fingerprint, load_trainable, trainable_arrays
+from fedtune.modeling import (
+    FingerprintMismatch,
+    build_model,
+    check_fingerprint,
+    load_trainable,
+    trainable_arrays,
+)
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_from_record
 
 from .trainer import train_local

@@ -98,8 +98,9 @@ def quiet_libraries() -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.rundir import RunDir, fresh_run_dir
     from fedtune.server.simulation import simulate
+
+    from fedtune.rundir import RunDir, fresh_run_dir
 
     if not args.verbose:
         quiet_libraries()

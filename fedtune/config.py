@@ -185,7 +185,7 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is list:
-        return f"a list of {_describe(get_args(tp)[0])}"
+        return "a list of " + _describe(get_args(tp)[0]).split(" ", 1)[-1] + "s"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",

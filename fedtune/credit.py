@@ -88,7 +88,7 @@ def assigned_flops(tokens: int, flops_per_token: float) -> float:
 
 
 def round_credit(tokens: int, flops_per_token: float) -> float:
-    """Credit, in TFLOP-credits, for training on ``tokens`` assigned tokens: ``tokens·flops_per_token/1e12``."""
+    """Credit in TFLOP-credits for ``tokens`` assigned tokens: ``tokens·flops_per_token/1e12``."""
     return assigned_flops(tokens, flops_per_token) / FLOPS_PER_CREDIT
 
 
@@ -101,16 +101,20 @@ def rac_decay(elapsed: timedelta | float, half_life: timedelta = RAC_HALF_LIFE) 
     return 2.0 ** (-max(seconds, 0.0) / half_life.total_seconds())
 
 
+def rac_weight(granted: datetime, now: datetime, half_life: timedelta = RAC_HALF_LIFE) -> float:
+    """RAC, per day, that one credit granted at ``granted`` is worth at ``now``.
+
+    ``(ln 2 / half_life_days) · 2^(−age/half_life)``: the ``ln 2 / half_life`` factor turns the decayed sum
+    into a rate, so steady daily credit ``c`` gives RAC ≈ ``c`` (the continuous form of BOINC's update rule).
+    """
+    return math.log(2.0) / (half_life / timedelta(days=1)) * rac_decay(now - granted, half_life)
+
+
 def recent_average_credit(
     grants: Iterable[tuple[datetime, float]], now: datetime, half_life: timedelta = RAC_HALF_LIFE
 ) -> float:
-    """RAC in credits per day: ``(ln 2 / half_life_days) · Σ credit·2^(−age/half_life)``.
-
-    The ``ln 2 / half_life`` factor turns the decayed sum into a rate, so steady daily credit ``c`` gives
-    RAC ≈ ``c`` (the continuous form of BOINC's update rule).
-    """
-    rate = math.log(2.0) / (half_life / timedelta(days=1))
-    return rate * sum(credit * rac_decay(now - granted, half_life) for granted, credit in grants)
+    """RAC in credits per day of ``(grant time, credit)`` pairs: ``Σ credit · rac_weight(time, now)``."""
+    return sum(credit * rac_weight(granted, now, half_life) for granted, credit in grants)
 
 
 def is_impossible_claim(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -33,10 +33,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fedtune.credit import (
+    DEFAULT_CLAIM_MARGIN,
     RAC_HALF_LIFE,
     assigned_flops,
     is_impossible_claim,
-    recent_average_credit,
+    rac_weight,
     round_credit,
 )
 
@@ -222,7 +223,7 @@ class _Tally:
     missed: int = 0
     total: float = 0.0
     flagged: int = 0
-    grants: list[tuple[datetime, float]] = field(default_factory=list)
+    rac: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------ ledger
@@ -263,14 +264,21 @@ def upgrade_to_head(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+ON_CONFLICT_INSERTS: dict[str, Callable[[sa.Table], sqlite.Insert | postgresql.Insert]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+"""Dialects with ``INSERT ... ON CONFLICT DO NOTHING``; others check, then insert, in one transaction."""
+
+
 def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """Insert round rows, skipping any (campaign, round, contributor) already there; return ids written."""
     key = ["campaign", "round", "contributor_id"]
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        stmt = insert(RoundCreditRow).on_conflict_do_nothing(index_elements=key)
-        result = session.execute(stmt.returning(RoundCreditRow.contributor_id), rows)
+    table = Base.metadata.tables[RoundCreditRow.__tablename__]  # Core insert: ORM bulk path costs more
+    insert = ON_CONFLICT_INSERTS.get(session.get_bind().dialect.name)
+    if insert is not None:
+        stmt = insert(table).on_conflict_do_nothing(index_elements=key)
+        result = session.execute(stmt.returning(table.c.contributor_id), rows)
         return set(result.scalars())
     campaign, round_ = rows[0]["campaign"], rows[0]["round"]
     existing = set(
@@ -282,7 +290,7 @@ def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) ->
     )
     fresh = [row for row in rows if row["contributor_id"] not in existing]
     if fresh:
-        session.execute(sa.insert(RoundCreditRow), fresh)
+        session.execute(sa.insert(table), fresh)
     return {row["contributor_id"] for row in fresh}
 
 
@@ -384,7 +392,8 @@ class Ledger:
             Which round. Replaying it (after a coordinator crash) writes nothing for contributors already
             recorded; their rows are never changed.
         entries : sequence of RoundEntry
-            Every cohort member and its outcome. Only ``included`` ones earn credit.
+            Every cohort member and its outcome. Only ``included`` ones earn credit; every entry that
+            reports a wall time has it checked against its declared peak (a dropped contributor can lie too).
         now : datetime, optional
             Grant time (aware); defaults to the ledger's clock.
         flops_per_token : float
@@ -402,13 +411,12 @@ class Ledger:
         recorded_at = _as_utc(now or self.clock())
         ids = {entry.contributor_id for entry in entries}
         with self._sessions.begin() as session:
-            peaks = dict(
-                session.execute(
-                    sa.select(ContributorRow.id, ContributorRow.declared_peak_flops).where(
-                        ContributorRow.id.in_(ids)
-                    )
-                ).tuples()
+            found = session.execute(
+                sa.select(ContributorRow.id, ContributorRow.declared_peak_flops).where(
+                    ContributorRow.id.in_(ids)
+                )
             )
+            peaks = {cid: peak for cid, peak in found}
             unknown = sorted(ids - peaks.keys())
             if unknown:
                 raise ValueError(f"unregistered contributors in {campaign} round {round}: {unknown}")
@@ -416,7 +424,7 @@ class Ledger:
                 _credit_row(campaign, round, entry, flops_per_token, peaks[entry.contributor_id], recorded_at)
                 for entry in entries
             ]
-            written = _insert_ignoring_duplicates(session, [asdict(credit) for credit in credits])
+            written = _insert_ignoring_duplicates(session, [vars(credit).copy() for credit in credits])
         return [credit for credit in credits if credit.contributor_id in written]
 
     def round_recorded(self, campaign: str, round: int) -> bool:
@@ -454,12 +462,8 @@ class Ledger:
             if campaign is not None:
                 stmt = stmt.where(ContributorRow.id.in_(tallies.keys()))
             people = list(session.scalars(stmt))
-        scored = []
-        for person in people:
-            tally = tallies.get(person.id, _Tally())
-            rac = recent_average_credit(tally.grants, now)
-            scored.append((person, tally, rac))
-        scored.sort(key=lambda item: (-item[1].total, -item[2], item[0].name, item[0].id))
+        scored = [(person, tallies.get(person.id, _Tally())) for person in people]
+        scored.sort(key=lambda item: (-item[1].total, -item[1].rac, item[0].name, item[0].id))
         rows = [
             LeaderboardRow(
                 rank=rank,
@@ -469,10 +473,10 @@ class Ledger:
                 rounds=tally.rounds,
                 missed_rounds=tally.missed,
                 total_credit=tally.total,
-                rac=rac,
+                rac=tally.rac,
                 flagged_rounds=tally.flagged,
             )
-            for rank, (person, tally, rac) in enumerate(scored, start=1)
+            for rank, (person, tally) in enumerate(scored, start=1)
         ]
         return rows if limit is None else rows[:limit]
 
@@ -520,10 +524,13 @@ class Ledger:
         )
         tallies: dict[str, _Tally] = {}
         with self._sessions() as session:
-            for cid, rounds, missed, total, flagged in session.execute(counts).tuples():
-                tallies[cid] = _Tally(int(rounds or 0), int(missed or 0), float(total or 0.0), int(flagged or 0))
-            for cid, recorded_at, credit in session.execute(grants).tuples():
-                tallies[cid].grants.append((recorded_at, credit))
+            for cid, rounds, missed, total, flagged in session.execute(counts):
+                tallies[cid] = _Tally(int(rounds), int(missed), float(total), int(flagged))
+            weights: dict[datetime, float] = {}  # a round's grants share one time: decay once per round
+            for cid, recorded_at, credit in session.execute(grants):
+                if recorded_at not in weights:
+                    weights[recorded_at] = rac_weight(recorded_at, now)
+                tallies[cid].rac += credit * weights[recorded_at]
         return tallies
 
 
@@ -563,14 +570,16 @@ def _credit_row(
     peak: float | None,
     recorded_at: datetime,
 ) -> RoundCredit:
-    """Compute what the server grants for one entry: credit only if included, a flag if the claim is absurd."""
+    """What the server grants for one entry: credit only if included, a flag if the claim is absurd."""
     flops = assigned_flops(entry.assigned_tokens, flops_per_token)
     flagged = is_impossible_claim(flops, entry.reported_wall_s, peak)
     flag_reason = None
     if flagged:
+        wall = entry.reported_wall_s or 0.0
+        speed = f"{flops / wall:.4g} FLOP/s" if wall > 0 else "no time at all"
         flag_reason = (
-            f"claimed {entry.reported_wall_s} s for {flops:.4g} assigned FLOPs, faster than the declared "
-            f"peak of {peak:.4g} FLOP/s allows"
+            f"claimed {wall:g} s for {flops:.4g} assigned FLOPs ({speed}), above "
+            f"{DEFAULT_CLAIM_MARGIN:g} x the declared peak of {peak:.4g} FLOP/s"
         )
     included = entry.status == "included"
     return RoundCredit(

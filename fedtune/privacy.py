@@ -189,6 +189,8 @@ def epsilon_for(kind: AccountantKind, history: History, delta: float) -> float:
     """
     if sum(steps for _, _, steps in history) == 0:
         return 0.0
+    if any(noise <= 0 and steps > 0 for noise, _, steps in history):
+        return math.inf  # steps taken without noise (e.g. under mechanism "none") have no finite ε
     accountant = _make_accountant(kind)
     accountant.history = [tuple(entry) for entry in history if entry[2] > 0]
     with warnings.catch_warnings():
@@ -287,7 +289,9 @@ class ContributorPrivacy:
         """Restore the contributor's privacy state from ``state_dir``, or calibrate a fresh one.
 
         Nothing is written until :meth:`save`. Call it before every round: the state on disk, not an object
-        kept in memory, is the source of truth across restarts and simulation workers.
+        kept in memory, is the source of truth across restarts and simulation workers. Once calibrated, the
+        noise multiplier and δ stay as stored; a changed ``target_epsilon`` or ``personal_max_epsilon``
+        only moves the budget, and a changed shard or batch size only the sample rate of future steps.
         """
         state_dir = Path(state_dir)
         sample_rate = sample_rate_for(batch_size, shard_size)
@@ -309,6 +313,8 @@ class ContributorPrivacy:
                 logger.warning(
                     "privacy mechanism changed from %s to %s", state["mechanism"], params.mechanism
                 )
+            if params.target_delta is not None and params.target_delta != state["delta"]:
+                logger.warning("keeping δ=%g from calibration, not %g", state["delta"], params.target_delta)
             history = tuple((float(s), float(q), int(k)) for s, q, k in accountant_state["history"])
             return cls(
                 params=params,
@@ -568,6 +574,7 @@ class TrainingRun:
     data_loader: DataLoader
     grad_sample_mode: GradSampleMode | None
     privacy: ContributorPrivacy | None = None
+    device: torch.device = torch.device("cpu")
     steps_taken: int = 0
     empty_batches: int = 0
     _batches: Iterator[Any] | None = None
@@ -632,13 +639,15 @@ def make_private(
     keep a second accountant. Here ``sample_rate`` defaults to ``data_loader.batch_size / len(dataset)``
     and the optimizer divides the clipped, noised sum by the expected batch size ``sample_rate * n``.
 
-    The model is used where it is (no ``.to``): PEFT must have been attached after moving it.
+    The model is used where it is (no ``.to``): PEFT must have been attached after moving it. It is put in
+    training mode, since Opacus captures activations only then.
     """
     from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
     _check_optimizer_matches(model, optimizer)
     _check_checkpointing(model)
+    model.train()  # Opacus only captures activations in training mode
     dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
     if sample_rate is None:
         _require(
@@ -671,7 +680,9 @@ def make_private(
     )
     module.forbid_grad_accumulation()  # type: ignore[operator]
     loader = poisson_loader(data_loader, sample_rate, sample_generator)
-    run = TrainingRun(module, dp_optimizer, loader, grad_sample_mode)
+    run = TrainingRun(
+        module, dp_optimizer, loader, grad_sample_mode, device=_trainable_parameters(model)[0].device
+    )
     dp_optimizer.attach_step_hook(run._count_step)
     return run
 
@@ -681,7 +692,8 @@ def non_private_run(
 ) -> TrainingRun:
     """The same interface without DP (``mechanism = "none"``, and the benchmark's baseline)."""
     _check_optimizer_matches(model, optimizer)
-    return TrainingRun(model, optimizer, data_loader, None)
+    model.train()
+    return TrainingRun(model, optimizer, data_loader, None, device=_trainable_parameters(model)[0].device)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -732,8 +744,7 @@ def train_step(run: TrainingRun, batch: Batch | None, loss_fn: LossFn | None = N
         if run.private:
             _noise_only_step(run)
         return None
-    device = next(p.device for p in run.module.parameters() if p.requires_grad)
-    losses = loss_fn(run.module, _to_device(batch, device))
+    losses = loss_fn(run.module, _to_device(batch, run.device))
     _require(
         losses.dim() == 1,
         f"loss_fn must return per-sample losses of shape (batch,), got {tuple(losses.shape)}",

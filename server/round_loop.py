@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fedtune.strategies.factory import build_strategy
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -23,7 +24,6 @@ from fedtune.evaluation import evaluate_loss
 from fedtune.modeling import base_fingerprint, build_model, load_trainable, trainable_arrays
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_to_record, record_nbytes
 from fedtune.rundir import RunDir, atomic_write_dir
-from fedtune.strategies.factory import build_strategy
 
 log = logging.getLogger("fedtune.server")
 

@@ -144,7 +144,7 @@ def associated_data(campaign_id: str, round_id: int, sender: int, receiver: int,
     """Canonical AEAD associated data; binding all four fields stops replay and reflection."""
     campaign = campaign_id.encode()
     return b"".join(
-        [label, struct.pack(">I", len(campaign)), campaign, struct.pack(">qqq", round_id, sender, receiver)]
+        [label, struct.pack(">I", len(campaign)), campaign, struct.pack(">QQQ", round_id, sender, receiver)]
     )
 
 

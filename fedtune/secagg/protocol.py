@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.secagg import crypto, shamir
 from fedtune.secagg.crypto import SecAggCryptoError, SecAggError, X25519KeyPair
-from fedtune.secagg.quantize import QuantConfig, check_no_overflow, quantize
+from fedtune.secagg.quantize import QuantConfig, check_no_overflow, dequantize_mean, quantize
 
 __all__ = [
     "STAGES",
@@ -52,6 +52,7 @@ __all__ = [
     "SecAggServer",
     "default_neighbours",
     "default_threshold",
+    "effective_degree",
     "run_round",
 ]
 
@@ -87,6 +88,11 @@ def default_neighbours(cohort_size: int) -> int:
     if cohort_size < 2:
         raise ValueError("a secure aggregation cohort needs at least 2 clients")
     return min(cohort_size - 1, 2 * math.ceil(1.5 * math.log2(cohort_size)))
+
+
+def effective_degree(cohort_size: int, neighbours: int) -> int:
+    """Degree actually used: k rounded up to even (a Harary ring), or n - 1 for a complete graph."""
+    return min(cohort_size - 1, neighbours + neighbours % 2)
 
 
 def default_threshold(degree: int) -> int:
@@ -125,11 +131,15 @@ class SecAggParams:
     vector_len: int
     graph_seed: bytes
     _graph: dict[int, frozenset[int]] = field(init=False, repr=False, compare=False)
+    _points: dict[int, int] = field(init=False, repr=False, compare=False)
+    _digest: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         cohort = tuple(int(c) for c in self.cohort)
         if len(cohort) < 2 or len(set(cohort)) != len(cohort) or list(cohort) != sorted(cohort):
             raise ValueError("cohort must be >= 2 distinct client ids in ascending order")
+        if cohort[0] < 0 or cohort[-1] >= 1 << 64 or not 0 <= self.round_id < 1 << 63:
+            raise ValueError("client ids must be uint64 and the round a non-negative int64")
         if len(self.graph_seed) != 32:
             raise ValueError("graph_seed must be 32 bytes")
         if self.vector_len < 1:
@@ -142,12 +152,17 @@ class SecAggParams:
         check_no_overflow(len(cohort), self.quant.bits)
         object.__setattr__(self, "cohort", cohort)
         object.__setattr__(self, "_graph", self._build_graph())
+        object.__setattr__(self, "_points", {c: i + 1 for i, c in enumerate(cohort)})
+        body = self.to_message()
+        body["graph_seed"] = self.graph_seed.hex()
+        object.__setattr__(
+            self, "_digest", hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
+        )
 
     @property
     def degree(self) -> int:
         """Effective number of neighbours of every client."""
-        n = len(self.cohort)
-        return n - 1 if self.neighbours >= n - 1 else min(n - 1, self.neighbours + self.neighbours % 2)
+        return effective_degree(len(self.cohort), self.neighbours)
 
     def _build_graph(self) -> dict[int, frozenset[int]]:
         # Order by a hash of the seed rather than a numpy RNG: clients may run other numpy versions.
@@ -156,8 +171,7 @@ class SecAggParams:
         if self.degree == n - 1:
             return {c: frozenset(order) - {c} for c in order}
         return {
-            c: frozenset(order[(i + d) % n] for d in range(-half, half + 1) if d)
-            for i, c in enumerate(order)
+            c: frozenset(order[(i + d) % n] for d in range(-half, half + 1) if d) for i, c in enumerate(order)
         }
 
     def neighbours_of(self, client_id: int) -> frozenset[int]:
@@ -166,7 +180,7 @@ class SecAggParams:
 
     def share_point(self, client_id: int) -> int:
         """Shamir evaluation point of a share holder: its 1-based position in the cohort."""
-        return self.cohort.index(client_id) + 1
+        return self._points[client_id]
 
     def to_message(self) -> Message:
         """Flat, ConfigRecord-compatible encoding (the body of the ``advertise`` request)."""
@@ -214,13 +228,12 @@ class SecAggParams:
         """Server-side constructor filling SecAgg+ defaults for k, t and a fresh graph seed."""
         ids = tuple(sorted(int(c) for c in cohort))
         k = default_neighbours(len(ids)) if neighbours is None else neighbours
-        params_k = min(len(ids) - 1, k + k % 2) if k < len(ids) - 1 else len(ids) - 1
         return cls(
             campaign_id=campaign_id,
             round_id=round_id,
             cohort=ids,
             neighbours=k,
-            threshold=default_threshold(params_k) if threshold is None else threshold,
+            threshold=default_threshold(effective_degree(len(ids), k)) if threshold is None else threshold,
             quant=quant,
             vector_len=vector_len,
             graph_seed=os.urandom(32) if graph_seed is None else graph_seed,
@@ -228,9 +241,7 @@ class SecAggParams:
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical parameters; signed by clients so all saw the same round."""
-        body = self.to_message()
-        body["graph_seed"] = body["graph_seed"].hex()
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
+        return self._digest
 
 
 @dataclass(frozen=True)
@@ -243,13 +254,11 @@ class SecAggResult:
 
     def mean(self, total_weight: float | None = None) -> np.ndarray:
         """Decode to the float mean (or weighted mean given the survivors' total weight)."""
-        from fedtune.secagg.quantize import dequantize_mean
-
         return dequantize_mean(self.total, self.quant, len(self.survivors), total_weight)
 
 
 def _u64(value: int) -> bytes:
-    return struct.pack(">Q", value & 0xFFFFFFFFFFFFFFFF)
+    return struct.pack(">Q", value)
 
 
 def _ids_bytes(ids: Iterable[int]) -> bytes:
@@ -370,6 +379,27 @@ class SecAggClient:
             self._done.append(stage)
         return {**_header(self.params, stage, self.client_id), **body}
 
+    def handle(self, msg: Mapping[str, Any], vector: np.ndarray | None = None) -> Message:
+        """Answer any server request by its ``stage`` field; ``vector`` is needed for ``masked_input``.
+
+        This is the single entry point a ClientApp needs: it receives a message, calls ``handle``
+        and sends back the reply (an exception means: do not answer).
+        """
+        stage = msg.get("stage")
+        if stage == MASKED_INPUT:
+            if vector is None:
+                raise ValueError("the masked_input stage needs the client's update vector")
+            return self.masked_input(msg, vector)
+        handlers = {
+            ADVERTISE: self.advertise_keys,
+            SHARE_KEYS: self.share_keys,
+            CONSISTENCY: self.consistency_check,
+            UNMASK: self.unmask,
+        }
+        if stage not in handlers:
+            raise SecAggProtocolError(f"unknown stage {stage!r}")
+        return handlers[stage](msg)
+
     # -- stages -----------------------------------------------------------------------------
 
     def advertise_keys(self, msg: Mapping[str, Any]) -> Message:
@@ -449,7 +479,9 @@ class SecAggClient:
         crypto.add_mask_into(masked, self._b_seed)
         for v in self._held:
             crypto.add_mask_into(
-                masked, _pairwise_key(params, self._s_key, self._peer_keys[v][1]), _mask_sign(self.client_id, v)
+                masked,
+                _pairwise_key(params, self._s_key, self._peer_keys[v][1]),
+                _mask_sign(self.client_id, v),
             )
         self._b_seed = None  # from now on only the shares held by neighbours can recover it
         return self._reply(MASKED_INPUT, {"masked": masked})
@@ -478,7 +510,9 @@ class SecAggClient:
         if survivors != self._survivors:
             raise SecAggProtocolError("survivor set differs from the one committed in the consistency check")
         if dropped & set(survivors):
-            raise SecAggProtocolError(f"refusing to reveal both shares of clients {sorted(dropped & set(survivors))}")
+            raise SecAggProtocolError(
+                f"refusing to reveal both shares of clients {sorted(dropped & set(survivors))}"
+            )
         valid = set()
         for signer, sig in _paired(msg, "signer_ids", "signatures"):
             signer = int(signer)
@@ -507,10 +541,9 @@ class SecAggClient:
 class SecAggServer:
     """Server side of one SecAgg+ round: routes keys and shares, sums and unmasks.
 
-    Call, in order, ``advertise_request`` / ``receive_advertise``, then for each later stage
-    ``<stage>_requests`` (a dict of per-client messages) and ``receive_<stage>`` for each reply,
-    and finally :meth:`result`. Asking for the next stage's requests closes the previous stage;
-    late replies are then rejected.
+    For each stage in :data:`STAGES` call :meth:`requests` (a dict of per-client messages) and
+    :meth:`receive` for each reply, and finally :meth:`result`. Asking for the next stage's
+    requests closes the previous stage; late replies are then rejected.
 
     Parameters
     ----------
@@ -561,6 +594,33 @@ class SecAggServer:
     def _header(self, stage: str) -> Message:
         return _header(self.params, stage)
 
+    def requests(self, stage: str) -> dict[int, Message]:
+        """Per-client requests of ``stage`` (moving the server to it), keyed by client id."""
+        makers = {
+            ADVERTISE: lambda: {u: self.advertise_request() for u in self.params.cohort},
+            SHARE_KEYS: self.share_keys_requests,
+            MASKED_INPUT: self.masked_input_requests,
+            CONSISTENCY: self.consistency_requests,
+            UNMASK: self.unmask_requests,
+        }
+        if stage not in makers:
+            raise SecAggProtocolError(f"unknown stage {stage!r}")
+        return makers[stage]()
+
+    def receive(self, msg: Mapping[str, Any]) -> None:
+        """Route a client reply to the ``receive_<stage>`` method named by its ``stage`` field."""
+        receivers = {
+            ADVERTISE: self.receive_advertise,
+            SHARE_KEYS: self.receive_share_keys,
+            MASKED_INPUT: self.receive_masked_input,
+            CONSISTENCY: self.receive_consistency,
+            UNMASK: self.receive_unmask,
+        }
+        stage = msg.get("stage")
+        if stage not in receivers:
+            raise SecAggProtocolError(f"unknown stage {stage!r}")
+        receivers[stage](msg)
+
     # -- stages -----------------------------------------------------------------------------
 
     def advertise_request(self) -> Message:
@@ -596,7 +656,9 @@ class SecAggServer:
         expected = self.params.neighbours_of(sender) & self._keys.keys()
         pairs = [(int(v), bytes(ct)) for v, ct in _paired(msg, "dst", "ciphertext")]
         if {v for v, _ in pairs} != expected or len(pairs) != len(expected):
-            raise SecAggProtocolError(f"client {sender} must send one ciphertext to each advertising neighbour")
+            raise SecAggProtocolError(
+                f"client {sender} must send one ciphertext to each advertising neighbour"
+            )
         for v, ct in pairs:
             self._inbox.setdefault(v, {})[sender] = ct
         self._shared.add(sender)
@@ -672,7 +734,9 @@ class SecAggServer:
     def _reconstruct(self, store: Mapping[int, Mapping[int, bytes]], owner: int, kind: str) -> bytes:
         shares = store.get(owner, {})
         if len(shares) < self.params.threshold:
-            raise SecAggAbort(f"{len(shares)} {kind}-shares of client {owner}, threshold {self.params.threshold}")
+            raise SecAggAbort(
+                f"{len(shares)} {kind}-shares of client {owner}, threshold {self.params.threshold}"
+            )
         try:
             return shamir.combine(shares, self.params.threshold)
         except ValueError as exc:
@@ -692,7 +756,9 @@ class SecAggServer:
             if s_key.public_bytes != self._keys[v][1]:
                 raise SecAggAbort(f"reconstructed mask key of client {v} does not match its advertised key")
             for w in sorted(self.params.neighbours_of(v) & self._masked):
-                crypto.add_mask_into(total, _pairwise_key(self.params, s_key, self._keys[w][1]), -_mask_sign(w, v))
+                crypto.add_mask_into(
+                    total, _pairwise_key(self.params, s_key, self._keys[w][1]), -_mask_sign(w, v)
+                )
         return SecAggResult(total=total, survivors=tuple(sorted(self._masked)), quant=self.params.quant)
 
 
@@ -712,31 +778,18 @@ def run_round(
         Each client's flattened float update.
     drop : mapping of stage name to client ids, optional
         Clients that never answer that stage (and hence any later one), simulating dropouts.
+        A client raising :class:`SecAggAbort` is treated the same way; other errors propagate.
     """
     gone: set[int] = set()
-    dropouts = {stage: set(ids) for stage, ids in (drop or {}).items()}
-
-    def answer(stage: str, requests: Mapping[int, Message]) -> list[Message]:
-        gone.update(dropouts.get(stage, ()))
-        handlers = {
-            ADVERTISE: lambda c, m: c.advertise_keys(m),
-            SHARE_KEYS: lambda c, m: c.share_keys(m),
-            MASKED_INPUT: lambda c, m: c.masked_input(m, inputs[c.client_id]),
-            CONSISTENCY: lambda c, m: c.consistency_check(m),
-            UNMASK: lambda c, m: c.unmask(m),
-        }
-        return [handlers[stage](clients[u], m) for u, m in requests.items() if u not in gone]
-
-    request = server.advertise_request()
-    for reply in answer(ADVERTISE, {u: request for u in server.params.cohort}):
-        server.receive_advertise(reply)
-    stages = (
-        (SHARE_KEYS, server.share_keys_requests, server.receive_share_keys),
-        (MASKED_INPUT, server.masked_input_requests, server.receive_masked_input),
-        (CONSISTENCY, server.consistency_requests, server.receive_consistency),
-        (UNMASK, server.unmask_requests, server.receive_unmask),
-    )
-    for stage, make_requests, receive in stages:
-        for reply in answer(stage, make_requests()):
-            receive(reply)
+    for stage in STAGES:
+        gone.update((drop or {}).get(stage, ()))
+        for u, request in server.requests(stage).items():
+            if u in gone:
+                continue
+            try:
+                reply = clients[u].handle(request, inputs[u])
+            except SecAggAbort:  # a client that cannot go on safely simply stops answering
+                gone.add(u)
+                continue
+            server.receive(reply)
     return server.result()

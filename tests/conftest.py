@@ -1,0 +1,41 @@
+"""Shared fixtures: small campaign files that point at the repo's quickstart data and the tiny model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "experiments" / "data" / "python-docs.jsonl"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def small_campaign(**sections: dict) -> dict:
+    """A campaign small enough for tests; ``sections`` override keys per section."""
+    cfg = {
+        "campaign": {"name": "test", "seed": 0, "run_dir": "run"},
+        "model": {"name": "builtin:tiny-llama"},
+        "lora": {"mode": "ffa", "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "data": {"source": str(DATA), "max_seq_len": 64, "eval_fraction": 0.05, "eval_max_examples": 32},
+        "federation": {"rounds": 2, "contributors_per_round": 3, "min_cohort": 2, "local_steps": 3,
+                       "batch_size": 4, "learning_rate": 0.01},
+        "simulation": {"contributors": 3},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+@pytest.fixture
+def write_campaign(tmp_path: Path) -> Callable[..., Path]:
+    def write(name: str = "campaign.toml", raw: dict | None = None, **sections: dict) -> Path:
+        path = tmp_path / name
+        path.write_text(tomli_w.dumps(raw if raw is not None else small_campaign(**sections)))
+        return path
+
+    return write
