@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
 from fedtune.data import TokenizedSet, load_shard
+from fedtune.identity import simulated_identity
 from fedtune.modeling import (
     FingerprintMismatch,
     build_model,
@@ -57,11 +58,25 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
 
 
-def decline(message: Message, reason: str) -> Message:
+def identity_record(cfg: CampaignConfig, context: Context) -> ConfigRecord:
+    """Who this contributor is, for the coordinator's credit ledger.
+
+    A deployed contributor's join agent puts its key-derived id, name, team and benchmarked peak FLOP/s
+    in the node config; a virtual one gets an id derived from the campaign and its partition.
+    """
+    node = context.node_config
+    if "contributor-id" in node:
+        return ConfigRecord({"id": str(node["contributor-id"]), "name": str(node.get("name", "")),
+                             "team": str(node.get("team", "")), "peak-flops": float(node.get("peak-flops", 0.0))})
+    who = simulated_identity(cfg.campaign.name, _partition(context)[0])
+    return ConfigRecord({"id": who.id, "name": who.name, "team": who.team or "", "peak-flops": 0.0})
+
+
+def decline(message: Message, reason: str, who: ConfigRecord) -> Message:
     """Reply that this contributor does not train this round, and why (the server logs it)."""
     log.warning("declining round: %s", reason)
     content = RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0}),
-                          "reason": ConfigRecord({"reason": reason})})
+                          "reason": ConfigRecord({"reason": reason}), "contributor": who})
     return Message(content=content, reply_to=message)
 
 
@@ -69,10 +84,11 @@ def decline(message: Message, reason: str) -> Message:
 def train(message: Message, context: Context) -> Message:
     cfg_toml, cfg = campaign_from_record(message.content["config"])
     round_cfg = message.content["config"]
+    who = identity_record(cfg, context)
     try:
         check_fingerprint(cfg.model, str(round_cfg["base-fingerprint"]))
     except FingerprintMismatch as exc:
-        return decline(message, str(exc))
+        return decline(message, str(exc), who)
     partition_id, num_partitions = _partition(context)
     ws = _workspace(cfg, hashlib.sha256(cfg_toml.encode()).hexdigest(), partition_id, num_partitions)
     load_trainable(ws.model, arrays_from_record(message.content["arrays"]))
@@ -85,5 +101,6 @@ def train(message: Message, context: Context) -> Message:
         "num-examples": result.examples, "tokens": result.tokens, "train_loss": result.train_loss,
         "wall_s": result.wall_s, "steps": result.steps, "declined": 0,
     })
-    content = RecordDict({"arrays": arrays_to_record(trainable_arrays(ws.model)), "metrics": metrics})
+    content = RecordDict({"arrays": arrays_to_record(trainable_arrays(ws.model)), "metrics": metrics,
+                          "contributor": who})
     return Message(content=content, reply_to=message)

@@ -58,10 +58,28 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
                       f"{r['bytes_down'] / 1e6:.3f}", f"{r['wall_s']:.1f}")
     console = Console()
     console.print(table)
+    _top_contributors(console, run_dir)
     if len(rows) > 1:
         first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
         console.print(f"eval loss {first:.4f} -> {last:.4f} (down {(first - last) / first:.1%}); "
                       f"adapter: {run_dir / 'adapter'}")
+
+
+def _top_contributors(console, run_dir: Path, n: int = 5) -> None:
+    from rich.table import Table
+
+    from fedtune.ledger import Ledger, default_url, top_contributors
+
+    cfg = load_config(run_dir / "config.toml")
+    with Ledger.open(cfg.credit.db or default_url(run_dir)) as ledger:
+        rows = top_contributors(ledger, n, campaign=cfg.campaign.name)
+    table = Table(title="top contributors (TFLOP-credits; full list: fedtune credits --run-dir RUN)")
+    for col in ("rank", "name", "team", "rounds", "credit", "flags"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r.rank), r.name, r.team or "-", str(r.rounds), f"{r.total_credit:.4g}",
+                      str(r.flagged_rounds or ""))
+    console.print(table)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -134,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--contributors", type=int, help="override [simulation] contributors")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
+    from fedtune.credits_cli import add_credits_parser
+
+    add_credits_parser(sub)
     return parser
 
 

@@ -102,6 +102,41 @@ class SimulationSection:
 
 
 @dataclass
+class PrivacySection:
+    """Record-level DP-SGD on every contributor (Opacus), accounted over its whole participation."""
+
+    mechanism: Literal["none", "dp-sgd"] = "none"
+    target_epsilon: float = 8.0
+    delta: float = 0.0  # 0: derived from the shard size
+    max_grad_norm: float = 1.0
+    accountant: Literal["prv", "rdp"] = "prv"
+    planned_rounds: int = 0  # 0: the campaign's rounds
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    update_clip_norm: float = 0.0  # 0: no clipping of the round's update
+    personal_max_epsilon: dict[str, float] = field(default_factory=dict)  # simulation: partition id -> budget
+
+
+@dataclass
+class SecureAggregationSection:
+    """SecAgg+ (Bell et al. 2020): the coordinator learns only the sum of the cohort's updates."""
+
+    protocol: Literal["none", "secagg+"] = "none"
+    neighbours: int = 0  # 0: chosen from the cohort size
+    threshold: int = 0  # 0: floor(neighbours / 2) + 1
+    clip_range: float = 0.0  # 0: from [privacy] update_clip_norm, else 1.0
+    bits: int = 16
+    min_cohort: int = 2
+    stage_timeout_s: float = 600.0
+
+
+@dataclass
+class CreditSection:
+    """The compute-credit ledger: SQLite in the run dir unless ``db`` names an SQLAlchemy URL."""
+
+    db: str = ""
+
+
+@dataclass
 class CampaignConfig:
     """A whole campaign. Build with :func:`load_config`; it is valid once built."""
 
@@ -111,6 +146,9 @@ class CampaignConfig:
     data: DataSection = field(default_factory=DataSection)
     federation: FederationSection = field(default_factory=FederationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
+    credit: CreditSection = field(default_factory=CreditSection)
     source_file: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +222,8 @@ def _describe(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is dict:
+        return "a table of " + _describe(get_args(tp)[1]).split(" ", 1)[-1] + "s"
     if origin is list:
         return "a list of " + _describe(get_args(tp)[0]).split(" ", 1)[-1] + "s"
     if origin in (typing.Union, types.UnionType):
@@ -197,6 +237,10 @@ def _check_type(value: Any, tp: Any, path: Path, key: str) -> Any:
     ok = False
     if origin is Literal:
         ok = value in get_args(tp)
+    elif origin is dict:
+        ok = isinstance(value, dict)
+        if ok:
+            return {str(k): _check_type(v, get_args(tp)[1], path, f"{key}.{k}") for k, v in value.items()}
     elif origin is list:
         ok = isinstance(value, list)
         if ok:
@@ -256,6 +300,23 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
              f"at most contributors_per_round ({fed.contributors_per_round})", fed.min_cohort)
     _require(fed.contributors_per_round <= sim.contributors, path, "[federation] contributors_per_round",
              f"at most [simulation] contributors ({sim.contributors})", fed.contributors_per_round)
+    priv, sec = cfg.privacy, cfg.secure_aggregation
+    for key, value in {"[privacy] target_epsilon": priv.target_epsilon, "[privacy] max_grad_norm": priv.max_grad_norm,
+                       "[secure_aggregation] stage_timeout_s": sec.stage_timeout_s}.items():
+        _require(value > 0, path, key, "a number > 0", value)
+    for key, value in {"[privacy] delta": priv.delta, "[privacy] update_clip_norm": priv.update_clip_norm,
+                       "[secure_aggregation] clip_range": sec.clip_range}.items():
+        _require(value >= 0, path, key, "a number >= 0 (0 = automatic or off)", value)
+    _require(priv.delta < 1, path, "[privacy] delta", "a number in [0, 1)", priv.delta)
+    for key, value in {"[privacy] planned_rounds": priv.planned_rounds, "[secure_aggregation] neighbours":
+                       sec.neighbours, "[secure_aggregation] threshold": sec.threshold}.items():
+        _require(value >= 0, path, key, "an integer >= 0 (0 = automatic)", value)
+    for pid, eps in priv.personal_max_epsilon.items():
+        _require(pid.isdigit() and int(pid) < sim.contributors, path, f"[privacy] personal_max_epsilon.{pid}",
+                 f"a contributor partition id below {sim.contributors}", pid)
+        _require(eps > 0, path, f"[privacy] personal_max_epsilon.{pid}", "a number > 0", eps)
+    _require(1 <= sec.bits <= 30, path, "[secure_aggregation] bits", "an integer in [1, 30]", sec.bits)
+    _require(sec.min_cohort >= 2, path, "[secure_aggregation] min_cohort", "an integer >= 2", sec.min_cohort)
     _require(cfg.campaign.run_dir != "", path, "[campaign] run_dir", "a directory path", cfg.campaign.run_dir)
 
 

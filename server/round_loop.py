@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedtune.strategies.factory import build_strategy
+
+from .crediting import CreditKeeper, Outcome
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.config import CampaignConfig
 from fedtune.data import load_eval
 from fedtune.evaluation import evaluate_loss
-from fedtune.modeling import base_fingerprint, build_model, load_trainable, trainable_arrays
+from fedtune.ledger import Ledger, resolve_url
+from fedtune.modeling import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_to_record, record_nbytes
 from fedtune.rundir import RunDir, atomic_write_dir
 
@@ -65,6 +68,18 @@ class RoundReplies:
                 out.accepted.append(msg)
         return out
 
+    def outcomes(self, messages: list[Message], replies: list[Message], applied: bool) -> list[Outcome]:
+        """Every sampled node's fate this round, for the credit ledger."""
+        out = [Outcome(m.metadata.src_node_id, "included" if applied else "failed",
+                       None if applied else "round not applied: too few updates", m) for m in self.accepted]
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        out += [Outcome(node, "declined", reason, by_node[node]) for node, reason in self.declined]
+        out += [Outcome(node, "failed", reason) for node, reason in self.failed]
+        answered = set(by_node)
+        out += [Outcome(m.metadata.dst_node_id, "dropped", "no reply within the round timeout")
+                for m in messages if m.metadata.dst_node_id not in answered]
+        return out
+
 
 class CampaignServer:
     """Runs a campaign's rounds against a Flower grid and writes the run directory."""
@@ -74,6 +89,10 @@ class CampaignServer:
         self.model, tokenizer = build_model(cfg)
         self.eval_set = load_eval(cfg, tokenizer)
         self.fingerprint = base_fingerprint(cfg.model)
+        self.ledger = Ledger.open(resolve_url(run_dir.root, cfg.credit.db or None))
+        n_base, n_adapter = count_parameters(self.model)
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.credits = CreditKeeper(cfg, self.ledger, n_base, n_adapter, n_trainable)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_loss(self.model, self.eval_set)
@@ -98,8 +117,9 @@ class CampaignServer:
             record = arrays_to_record(arrays)
             config = campaign_to_record(cfg, **{"base-fingerprint": self.fingerprint})
             messages = list(strategy.configure_train(server_round, record, config, grid))
-            replies = RoundReplies.sort(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+            raw_replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
             round_trip_s = time.perf_counter() - start
+            replies = RoundReplies.sort(raw_replies)
             for node, reason in replies.declined:
                 log.warning("round %d: contributor %s declined: %s", server_round, node, reason)
             for node, reason in replies.failed:
@@ -126,7 +146,9 @@ class CampaignServer:
                 "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
             }
             self.save_adapter(server_round)
+            self.credits.record(server_round, replies.outcomes(messages, raw_replies, applied))
             self.run_dir.append_metrics(row)
             self.reporter.on_round(row)
             rows.append(row)
+        self.ledger.close()
         return rows

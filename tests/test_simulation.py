@@ -73,3 +73,33 @@ def test_existing_run_dir_is_not_overwritten(finished_run: Path) -> None:
     from fedtune.rundir import fresh_run_dir
 
     assert fresh_run_dir(finished_run) == finished_run.with_name(finished_run.name + "-2")
+
+
+def test_ledger_credits_assigned_work(finished_run: Path) -> None:
+    from fedtune.credit import round_credit, train_flops_per_token
+    from fedtune.ledger import Ledger, default_url
+    from fedtune.modeling import build_model, count_parameters
+
+    cfg = load_config(finished_run / "config.toml")
+    model, _ = build_model(cfg)
+    n_base, n_adapter = count_parameters(model)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fed = cfg.federation
+    tokens = fed.local_steps * fed.batch_size * cfg.data.max_seq_len
+    expected = round_credit(tokens, train_flops_per_token(n_base, n_adapter, n_train))
+    with Ledger.open(default_url(finished_run)) as ledger:
+        for server_round in (1, 2):
+            entries = ledger.round_entries(cfg.campaign.name, server_round)
+            assert len(entries) == 3 and all(e.status == "included" for e in entries)
+            assert all(e.credit == pytest.approx(expected) for e in entries)
+        board = ledger.leaderboard(cfg.campaign.name)
+    assert [r.rounds for r in board] == [2, 2, 2]
+    assert board[0].total_credit == pytest.approx(2 * expected)
+
+
+def test_credits_command_prints_leaderboard(finished_run: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "credits", "--run-dir", str(finished_run), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [c["name"] for c in data["contributors"]] == ["sim-000", "sim-001", "sim-002"]

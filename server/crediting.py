@@ -1,0 +1,72 @@
+"""Turns a round's outcome into credit-ledger entries, from what the server itself assigned.
+
+Under secure aggregation the server never sees one contributor's update, so credit cannot come from
+inspecting it, and claimed run time is gameable. A contributor earns the nominal FLOPs of the work the
+server assigned (``local_steps × batch_size × max_seq_len`` tokens, the round's token budget) only if its
+input is in the applied aggregate; its reported wall time is stored and checked, never paid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from fedtune.config import CampaignConfig
+from fedtune.credit import train_flops_per_token
+from fedtune.ledger import Contributor, Ledger, RoundEntry
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one sampled node in a round."""
+
+    node_id: int
+    status: str  # included | declined | dropped | failed
+    reason: str | None = None
+    reply: Message | None = None
+
+
+def contributor_of(reply: Message) -> Contributor | None:
+    """The identity a contributor states in its reply (``contributor`` config record)."""
+    if "contributor" not in reply.content.config_records:
+        return None
+    rec = reply.content["contributor"]
+    peak = float(rec.get("peak-flops", 0.0)) or None
+    team = str(rec.get("team", "")) or None
+    return Contributor(id=str(rec["id"]), name=str(rec["name"]), team=team, declared_peak_flops=peak)
+
+
+class CreditKeeper:
+    """Records every round of a campaign in the ledger; idempotent per (campaign, round, contributor)."""
+
+    def __init__(self, cfg: CampaignConfig, ledger: Ledger, n_base: int, n_adapter: int, n_trainable: int) -> None:
+        self.cfg, self.ledger = cfg, ledger
+        self.flops_per_token = train_flops_per_token(n_base, n_adapter, n_trainable)
+        self.known: dict[int, Contributor] = {}
+
+    def assigned(self) -> tuple[int, int]:
+        """(examples, tokens) the server asks of each cohort member in a round."""
+        fed = self.cfg.federation
+        examples = fed.local_steps * fed.batch_size
+        return examples, examples * self.cfg.data.max_seq_len
+
+    def record(self, server_round: int, outcomes: list[Outcome]) -> int:
+        """Write the round; returns how many rows were new (0 when the round was already recorded)."""
+        for o in outcomes:
+            who = contributor_of(o.reply) if o.reply is not None else None
+            if who is not None:
+                self.known[o.node_id] = who
+            elif o.node_id not in self.known:
+                self.known[o.node_id] = Contributor(id=f"node-{o.node_id}", name=f"node-{o.node_id}")
+        self.ledger.register_contributors({self.known[o.node_id].id: self.known[o.node_id] for o in outcomes}.values())
+        examples, tokens = self.assigned()
+        entries = []
+        for o in outcomes:
+            wall = float(o.reply.content["metrics"]["wall_s"]) if o.status == "included" and o.reply else None
+            entries.append(RoundEntry(contributor_id=self.known[o.node_id].id, status=o.status,
+                                      assigned_examples=examples, assigned_tokens=tokens,
+                                      reported_wall_s=wall, reason=o.reason))
+        written = self.ledger.record_round(self.cfg.campaign.name, server_round, entries,
+                                           flops_per_token=self.flops_per_token)
+        return len(written)
