@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedtune.strategies.factory import build_strategy
-
-from .crediting import CreditKeeper, Outcome
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -27,6 +25,8 @@ from fedtune.ledger import Ledger, resolve_url
 from fedtune.modeling import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_to_record, record_nbytes
 from fedtune.rundir import RunDir, atomic_write_dir
+
+from .crediting import CreditKeeper, Outcome
 
 log = logging.getLogger("fedtune.server")
 

@@ -17,8 +17,13 @@ every client reply also ``sender``. The five stages are:
 Each client pairs only with its k neighbours in a random k-regular (Harary) graph derived from a
 server seed, so its work is O(k) masks instead of O(n). Any failure to authenticate raises a
 :class:`SecAggError`; too few participants raises :class:`SecAggAbort`. A server that receives a
-bad reply gets an exception from ``receive_*`` and its state is unchanged: treat the client as
-dropped.
+bad reply gets an exception from ``receive`` and its state is unchanged: treat the client as
+dropped. A client that raises should simply not answer.
+
+Integration: the server calls ``requests(stage)`` / ``receive(reply)`` for each stage in
+:data:`STAGES`, then ``result()``; a client calls ``handle(request, update)``, and keeps its
+state between messages with ``export_state()`` / ``SecAggClient.restore(...)``.
+:func:`run_round` is the in-process reference driver.
 """
 
 from __future__ import annotations
@@ -210,8 +215,8 @@ class SecAggParams:
                 vector_len=int(msg["vector_len"]),
                 graph_seed=bytes(msg["graph_seed"]),
             )
-        except (KeyError, TypeError) as exc:
-            raise SecAggProtocolError(f"malformed secagg parameters: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SecAggProtocolError(f"invalid secagg parameters: {exc}") from exc
 
     @classmethod
     def create(
@@ -361,6 +366,77 @@ class SecAggClient:
         self._survivors: tuple[int, ...] | None = None
         self._revealed_b: set[int] = set()
         self._revealed_s: set[int] = set()
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def export_state(self) -> Message:
+        """Flat, ConfigRecord-compatible snapshot of the round state.
+
+        A Flower ClientApp may run in a fresh process for every message, so the state between
+        stages must live in ``context.state``. It holds this round's ephemeral secrets (never the
+        identity key); it must stay on the client and be discarded after the round.
+        """
+        params = self.params.to_message() if self.params is not None else {}
+        held = sorted(self._held)
+        peers = sorted(self._peer_keys)
+        c_sk = self._c_key.private_bytes() if self._c_key is not None else b""
+        s_sk = self._s_key.private_bytes() if self._s_key is not None else b""
+        return {
+            **{f"params.{k}": v for k, v in params.items()},
+            "client_id": self.client_id,
+            "campaign_id": self._campaign_id,
+            "expected_round": -1 if self._round_id is None else self._round_id,
+            "quant": [] if self._quant is None else [float(self._quant.clip), float(self._quant.bits)],
+            "done": list(self._done),
+            "c_sk": c_sk,
+            "s_sk": s_sk,
+            "peer_ids": peers,
+            "peer_c_pk": [self._peer_keys[v][0] for v in peers],
+            "peer_s_pk": [self._peer_keys[v][1] for v in peers],
+            "b_seed": self._b_seed or b"",
+            "held_ids": held,
+            "held_b": [self._held[v][0] for v in held],
+            "held_s": [self._held[v][1] for v in held],
+            "survivors": [] if self._survivors is None else list(self._survivors),
+            "revealed_b": sorted(self._revealed_b),
+            "revealed_s": sorted(self._revealed_s),
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        state: Mapping[str, Any],
+        identity_key: Ed25519PrivateKey,
+        registry: Mapping[int, bytes],
+        rng: np.random.Generator | None = None,
+    ) -> SecAggClient:
+        """Rebuild a client from :meth:`export_state` plus the long-term secrets kept elsewhere."""
+        quant = list(state["quant"])
+        client = cls(
+            int(state["client_id"]),
+            identity_key,
+            registry,
+            str(state["campaign_id"]),
+            None if int(state["expected_round"]) < 0 else int(state["expected_round"]),
+            QuantConfig(quant[0], int(quant[1])) if quant else None,
+            rng,
+        )
+        params = {k.removeprefix("params."): v for k, v in state.items() if k.startswith("params.")}
+        client.params = SecAggParams.from_message(params) if params else None
+        client._done = [str(x) for x in state["done"]]
+        if state["c_sk"]:
+            client._c_key = X25519KeyPair.from_private_bytes(bytes(state["c_sk"]))
+            client._s_key = X25519KeyPair.from_private_bytes(bytes(state["s_sk"]))
+        peers = _paired(state, "peer_ids", "peer_c_pk", "peer_s_pk")
+        client._peer_keys = {int(v): (bytes(c), bytes(s)) for v, c, s in peers}
+        client._b_seed = bytes(state["b_seed"]) or None
+        client._held = {
+            int(v): (bytes(b), bytes(s)) for v, b, s in _paired(state, "held_ids", "held_b", "held_s")
+        }
+        client._survivors = tuple(int(v) for v in state["survivors"]) or None
+        client._revealed_b = {int(v) for v in state["revealed_b"]}
+        client._revealed_s = {int(v) for v in state["revealed_s"]}
+        return client
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 _MOD_BITS = 32
+_CHUNK = 1 << 16  # elements per step of quantize(): float64 temporaries stay in L2 cache
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,22 @@ def max_bits(cohort_size: int) -> int:
 def quantize(x: np.ndarray, cfg: QuantConfig, rng: np.random.Generator) -> np.ndarray:
     """Encode a float vector as uint32 codes in [0, 2^bits - 1] with unbiased stochastic rounding.
 
-    Computation is in float64 so that codes above 2^24 are still exact.
+    Computation is in float64 (exact for codes above 2^24) over cache-sized chunks, which is
+    several times faster on 10M-parameter updates than whole-array temporaries; the random stream
+    is consumed in order, so the result does not depend on the chunk size.
     """
-    y = (np.clip(np.asarray(x, dtype=np.float64), -cfg.clip, cfg.clip) + cfg.clip) * cfg.scale
-    floor = np.floor(y)
-    floor += rng.random(y.shape) < (y - floor)
-    np.clip(floor, 0, cfg.levels, out=floor)
-    return floor.astype(np.uint32)
+    flat = np.asarray(x).reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint32)
+    for start in range(0, flat.size, _CHUNK):
+        y = np.clip(flat[start : start + _CHUNK].astype(np.float64), -cfg.clip, cfg.clip)
+        y += cfg.clip
+        y *= cfg.scale
+        floor = np.floor(y)
+        y -= floor
+        floor += rng.random(y.shape) < y
+        np.minimum(floor, cfg.levels, out=floor)
+        out[start : start + _CHUNK] = floor
+    return out
 
 
 def dequantize_sum(total: np.ndarray, cfg: QuantConfig, count: int) -> np.ndarray:
