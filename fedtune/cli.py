@@ -124,7 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         quiet_libraries()
     cfg = validate_campaign(args.config, _overrides(args))
     requested = Path(args.run_dir).resolve() if args.run_dir else Path(cfg.campaign.run_dir)
-    run_dir = RunDir(fresh_run_dir(requested))
+    run_dir = RunDir(requested if args.resume and (requested / "config.toml").is_file() else fresh_run_dir(requested))
     cfg.campaign.run_dir = str(run_dir.root)
     run_dir.create(cfg.to_toml())
     print(f"run dir: {run_dir.root}", file=sys.stderr)
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", help="where to write the run (default: [campaign] run_dir)")
     sim.add_argument("--rounds", type=int, help="override [federation] rounds")
     sim.add_argument("--contributors", type=int, help="override [simulation] contributors")
+    sim.add_argument("--resume", action="store_true",
+                     help="carry on an interrupted run in --run-dir from its last completed round")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
     from fedtune.credits_cli import add_credits_parser

@@ -12,11 +12,14 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from fedtune.strategies.factory import build_strategy
+import numpy as np
+from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import CampaignConfig
 from fedtune.data import load_eval
@@ -29,6 +32,7 @@ from fedtune.rundir import RunDir, atomic_write_dir
 from .crediting import CreditKeeper, Outcome
 
 log = logging.getLogger("fedtune.server")
+SERVER_STATE = "server_state.npz"
 
 
 class Reporter(Protocol):
@@ -97,58 +101,92 @@ class CampaignServer:
     def evaluate(self) -> dict[str, float]:
         return evaluate_loss(self.model, self.eval_set)
 
-    def save_adapter(self, server_round: int) -> None:
-        atomic_write_dir(self.run_dir.checkpoint(server_round), self.model.save_pretrained)
+    def save_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray], strategy: FedAvg) -> None:
+        """The shared adapter (PEFT format) plus what a restarted coordinator needs to carry on."""
+
+        def fill(folder: Path) -> None:
+            self.model.save_pretrained(folder)
+            state = {f"adapter/{k}": v for k, v in arrays.items()} | strategy_state(strategy)
+            np.savez(folder / SERVER_STATE, **state)
+
+        atomic_write_dir(self.run_dir.checkpoint(server_round), fill)
         atomic_write_dir(self.run_dir.adapter, self.model.save_pretrained)
 
+    def resume_point(self, strategy: FedAvg) -> tuple[int, list[dict[str, Any]]] | None:
+        """The last round whose metrics and checkpoint are both complete, restored into model and strategy."""
+        rows = self.run_dir.read_metrics()
+        for row in reversed(rows):
+            state_file = self.run_dir.checkpoint(row["round"]) / SERVER_STATE
+            if not state_file.is_file():
+                continue
+            with np.load(state_file) as npz:
+                state = {k: npz[k] for k in npz.files}
+            load_trainable(self.model, {k[len("adapter/"):]: v for k, v in state.items() if k.startswith("adapter/")})
+            restore_strategy_state(strategy, {k: v for k, v in state.items() if not k.startswith("adapter/")})
+            return row["round"], [r for r in rows if r["round"] <= row["round"]]
+        return None
+
     def run(self, grid: Grid) -> list[dict[str, Any]]:
+        """Run the remaining rounds; a run dir with completed rounds is resumed after the last of them."""
         cfg, fed = self.cfg, self.cfg.federation
-        random.seed(cfg.campaign.seed)  # Flower samples cohorts with the global RNG
         strategy = build_strategy(cfg, len(list(grid.get_node_ids())))
-        row0 = {"round": 0, **self.evaluate(), "train_loss": None, "participants": 0, "declined": 0,
-                "failed": 0, "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
-        self.run_dir.append_metrics(row0)
-        self.save_adapter(0)
-        self.reporter.on_start(cfg, row0)
-        rows = [row0]
-        arrays = trainable_arrays(self.model)
-        for server_round in range(1, fed.rounds + 1):
-            start = time.perf_counter()
-            record = arrays_to_record(arrays)
-            config = campaign_to_record(cfg, **{"base-fingerprint": self.fingerprint})
-            messages = list(strategy.configure_train(server_round, record, config, grid))
-            raw_replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-            round_trip_s = time.perf_counter() - start
-            replies = RoundReplies.sort(raw_replies)
-            for node, reason in replies.declined:
-                log.warning("round %d: contributor %s declined: %s", server_round, node, reason)
-            for node, reason in replies.failed:
-                log.warning("round %d: contributor %s failed: %s", server_round, node, reason)
-            applied = len(replies.accepted) >= fed.min_cohort
-            train_loss = None
-            if applied:
-                new_record, train_metrics = strategy.aggregate_train(server_round, replies.accepted)
-                arrays = arrays_from_record(new_record)
-                load_trainable(self.model, arrays)
-                train_loss = float(train_metrics["train_loss"]) if train_metrics else None
-            else:
-                log.warning("round %d: %d accepted replies, below the minimum cohort %d; no update applied",
-                            server_round, len(replies.accepted), fed.min_cohort)
-            row = {
-                "round": server_round, **self.evaluate(), "train_loss": train_loss, "applied": applied,
-                "participants": len(replies.accepted) if applied else 0,
-                "sampled": len(messages), "declined": len(replies.declined),
-                "failed": len(messages) - len(replies.accepted) - len(replies.declined),  # errors + no reply
-                "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies.accepted),
-                "tokens": sum(int(m.content["metrics"]["tokens"]) for m in replies.accepted),
-                "bytes_down": record_nbytes(record) * len(messages),
-                "bytes_up": sum(record_nbytes(m.content["arrays"]) for m in replies.accepted),
-                "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
-            }
-            self.save_adapter(server_round)
-            self.credits.record(server_round, replies.outcomes(messages, raw_replies, applied))
-            self.run_dir.append_metrics(row)
+        resumed = self.resume_point(strategy)
+        if resumed is None:
+            row0 = {"round": 0, **self.evaluate(), "train_loss": None, "participants": 0, "declined": 0,
+                    "failed": 0, "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
+            self.save_checkpoint(0, trainable_arrays(self.model), strategy)
+            self.run_dir.append_metrics(row0)
+            done, rows = 0, [row0]
+        else:
+            done, rows = resumed
+            log.warning("resuming campaign %s after round %d", cfg.campaign.name, done)
+        random.seed(f"{cfg.campaign.seed}:{done}")  # Flower samples cohorts with the global RNG
+        self.reporter.on_start(cfg, rows[-1])
+        for server_round in range(done + 1, fed.rounds + 1):
+            row = self.run_round(server_round, strategy, grid)
             self.reporter.on_round(row)
             rows.append(row)
         self.ledger.close()
         return rows
+
+    def run_round(self, server_round: int, strategy: FedAvg, grid: Grid) -> dict[str, Any]:
+        """One round: sample, send, collect, aggregate, evaluate, checkpoint, credit, record."""
+        cfg, fed = self.cfg, self.cfg.federation
+        start = time.perf_counter()
+        arrays = trainable_arrays(self.model)
+        record = arrays_to_record(arrays)
+        config = campaign_to_record(cfg, **{"base-fingerprint": self.fingerprint,
+                                            "state-root": str(self.run_dir.root / "contributors")})
+        messages = list(strategy.configure_train(server_round, record, config, grid))
+        raw_replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+        round_trip_s = time.perf_counter() - start
+        replies = RoundReplies.sort(raw_replies)
+        for node, reason in replies.declined:
+            log.warning("round %d: contributor %s declined: %s", server_round, node, reason)
+        for node, reason in replies.failed:
+            log.warning("round %d: contributor %s failed: %s", server_round, node, reason)
+        applied = len(replies.accepted) >= fed.min_cohort
+        train_loss = None
+        if applied:
+            new_record, train_metrics = strategy.aggregate_train(server_round, replies.accepted)
+            arrays = arrays_from_record(new_record)
+            load_trainable(self.model, arrays)
+            train_loss = float(train_metrics["train_loss"]) if train_metrics else None
+        else:
+            log.warning("round %d: %d accepted replies, below the minimum cohort %d; no update applied",
+                        server_round, len(replies.accepted), fed.min_cohort)
+        row = {
+            "round": server_round, **self.evaluate(), "train_loss": train_loss, "applied": applied,
+            "participants": len(replies.accepted) if applied else 0,
+            "sampled": len(messages), "declined": len(replies.declined),
+            "failed": len(messages) - len(replies.accepted) - len(replies.declined),  # errors + no reply
+            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies.accepted),
+            "tokens": sum(int(m.content["metrics"]["tokens"]) for m in replies.accepted),
+            "bytes_down": record_nbytes(record) * len(messages),
+            "bytes_up": sum(record_nbytes(m.content["arrays"]) for m in replies.accepted),
+            "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
+        }
+        self.save_checkpoint(server_round, arrays, strategy)
+        self.credits.record(server_round, replies.outcomes(messages, raw_replies, applied))
+        self.run_dir.append_metrics(row)
+        return row

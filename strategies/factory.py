@@ -8,6 +8,7 @@ average is the exact average of the updates B·A; FedAdam/FedYogi/FedAvgM then t
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedtune.config import CampaignConfig
@@ -30,3 +31,30 @@ def build_strategy(cfg: CampaignConfig, available: int) -> FedAvg:
                        server_momentum=fed.server_momentum)
     opt_cls = FedAdam if fed.server_optimizer == "fedadam" else FedYogi
     return opt_cls(**common, eta=fed.server_learning_rate, eta_l=fed.learning_rate)
+
+
+_STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+    """The server optimizer's moments, flattened to named arrays (what a resumed coordinator needs)."""
+    out: dict[str, np.ndarray] = {}
+    for attr in _STATE_ATTRS:
+        value = getattr(strategy, attr, None)
+        if isinstance(value, dict):
+            out.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+        elif isinstance(value, list):
+            out.update({f"{attr}/{i}": np.asarray(v) for i, v in enumerate(value)})
+    return out
+
+
+def restore_strategy_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
+    """Inverse of :func:`strategy_state`."""
+    for attr in _STATE_ATTRS:
+        items = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == attr}
+        if not items:
+            continue
+        if attr == "momentum_vector":
+            setattr(strategy, attr, [items[str(i)] for i in range(len(items))])
+        else:
+            setattr(strategy, attr, items)

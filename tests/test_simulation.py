@@ -103,3 +103,44 @@ def test_credits_command_prints_leaderboard(finished_run: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert [c["name"] for c in data["contributors"]] == ["sim-000", "sim-001", "sim-002"]
+
+
+def test_resume_runs_only_the_missing_rounds(finished_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fedtune.ledger import Ledger, default_url
+
+    run = tmp_path / "resumed"
+    shutil.copytree(finished_run, run)
+    before = RunDir(run).read_metrics()
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", str(run / "config.toml"), "--run-dir",
+                           str(run), "--resume", "--rounds", "3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = RunDir(run).read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[:3] == before  # completed rounds are kept, not re-run
+    cfg = load_config(run / "config.toml")
+    with Ledger.open(default_url(run)) as ledger:
+        board = ledger.leaderboard(cfg.campaign.name)
+    assert [r.rounds for r in board] == [3, 3, 3]  # rounds 1-2 credited once, round 3 once
+
+
+def test_server_optimizer_state_roundtrip() -> None:
+    import numpy as np
+
+    from fedtune.config import CampaignConfig
+    from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
+
+    from .conftest import small_campaign
+
+    for opt in ("fedadam", "fedavgm"):
+        cfg = CampaignConfig.from_dict(small_campaign(federation={"server_optimizer": opt}))
+        strategy = build_strategy(cfg, 3)
+        if opt == "fedadam":
+            strategy.m_t, strategy.v_t = {"b": np.ones(3)}, {"b": np.full(3, 2.0)}
+        else:
+            strategy.momentum_vector = [np.ones(2), np.zeros(4)]
+        fresh = build_strategy(cfg, 3)
+        restore_strategy_state(fresh, strategy_state(strategy))
+        assert {k: v.tolist() for k, v in strategy_state(fresh).items()} == \
+            {k: v.tolist() for k, v in strategy_state(strategy).items()}
