@@ -84,10 +84,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from fedtune.server.simulation import simulate
 
     from fedtune.cli import quiet_libraries
     from fedtune.rundir import RunDir
+    from fedtune.server.simulation import simulate
 
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -25,9 +27,10 @@ from fedtune.modeling import (
     load_trainable,
     trainable_arrays,
 )
+from fedtune.privacy import ContributorPrivacy, PrivacyParams, clip_update
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_from_record
 
-from .trainer import train_local
+from .trainer import train_local, train_local_private
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
@@ -72,12 +75,40 @@ def identity_record(cfg: CampaignConfig, context: Context) -> ConfigRecord:
     return ConfigRecord({"id": who.id, "name": who.name, "team": who.team or "", "peak-flops": 0.0})
 
 
-def decline(message: Message, reason: str, who: ConfigRecord) -> Message:
+def decline(message: Message, reason: str, who: ConfigRecord, epsilon: float | None = None) -> Message:
     """Reply that this contributor does not train this round, and why (the server logs it)."""
     log.warning("declining round: %s", reason)
-    content = RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0}),
-                          "reason": ConfigRecord({"reason": reason}), "contributor": who})
+    metrics = MetricRecord({"declined": 1, "num-examples": 0} | ({} if epsilon is None else {"epsilon": epsilon}))
+    content = RecordDict({"metrics": metrics, "reason": ConfigRecord({"reason": reason}), "contributor": who})
     return Message(content=content, reply_to=message)
+
+
+def state_dir(context: Context, round_cfg: ConfigRecord, contributor: str) -> Path:
+    """The contributor's own state (privacy accountant): ``--state-dir`` when deployed, in the run dir in
+    simulation."""
+    node = context.node_config
+    if "state-dir" in node:
+        return Path(str(node["state-dir"]))
+    return Path(str(round_cfg["state-root"])) / contributor
+
+
+def load_privacy(cfg: CampaignConfig, context: Context, folder: Path, shard_size: int) -> ContributorPrivacy | None:
+    """The contributor's lifetime accountant, or ``None`` when the campaign trains without DP."""
+    if cfg.privacy.mechanism == "none":
+        return None
+    node = context.node_config
+    personal = node.get("max-epsilon") or cfg.privacy.personal_max_epsilon.get(str(_partition(context)[0]))
+    params = PrivacyParams.from_campaign(cfg.privacy, campaign_rounds=cfg.federation.rounds,
+                                         personal_max_epsilon=float(personal) if personal else None)
+    fed = cfg.federation
+    return ContributorPrivacy.load(folder, params, shard_size=shard_size, batch_size=fed.batch_size,
+                                   local_steps=fed.local_steps)
+
+
+def clipped_update(start: dict[str, np.ndarray], end: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """``start + clip(end - start)``: bounds what one contributor can move the shared adapter by."""
+    clipped, _ = clip_update({k: end[k] - start[k] for k in start}, bound)
+    return {k: start[k] + clipped[k] for k in start}
 
 
 @app.train()
@@ -91,16 +122,28 @@ def train(message: Message, context: Context) -> Message:
         return decline(message, str(exc), who)
     partition_id, num_partitions = _partition(context)
     ws = _workspace(cfg, hashlib.sha256(cfg_toml.encode()).hexdigest(), partition_id, num_partitions)
-    load_trainable(ws.model, arrays_from_record(message.content["arrays"]))
-    server_round = int(round_cfg["server-round"])
     fed = cfg.federation
-    result = train_local(ws.model, ws.shard, steps=fed.local_steps, batch_size=fed.batch_size,
-                         learning_rate=fed.learning_rate,
-                         seed=cfg.campaign.seed * 1_000_003 + server_round * 1009 + partition_id)
+    privacy = load_privacy(cfg, context, state_dir(context, round_cfg, str(who["id"])), len(ws.shard))
+    if privacy is not None:
+        ok, reason = privacy.check_round(fed.local_steps)
+        if not ok:
+            return decline(message, reason, who, privacy.epsilon_spent())
+    start = arrays_from_record(message.content["arrays"])
+    load_trainable(ws.model, start)
+    seed = cfg.campaign.seed * 1_000_003 + int(round_cfg["server-round"]) * 1009 + partition_id
+    if privacy is None:
+        result = train_local(ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed)
+    else:
+        result = train_local_private(ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed,
+                                     privacy)
+    end = trainable_arrays(ws.model)
+    if cfg.privacy.update_clip_norm > 0:
+        end = clipped_update(start, end, cfg.privacy.update_clip_norm)
     metrics = MetricRecord({
-        "num-examples": result.examples, "tokens": result.tokens, "train_loss": result.train_loss,
-        "wall_s": result.wall_s, "steps": result.steps, "declined": 0,
+        # weight by the assigned batch count, not the Poisson draw, so the weight says nothing about the data
+        "num-examples": fed.local_steps * fed.batch_size, "samples": result.examples, "tokens": result.tokens,
+        "train_loss": result.train_loss, "wall_s": result.wall_s, "steps": result.steps, "declined": 0,
+        **({"epsilon": float(result.privacy["epsilon_spent"])} if result.privacy else {}),
     })
-    content = RecordDict({"arrays": arrays_to_record(trainable_arrays(ws.model)), "metrics": metrics,
-                          "contributor": who})
+    content = RecordDict({"arrays": arrays_to_record(end), "metrics": metrics, "contributor": who})
     return Message(content=content, reply_to=message)

@@ -116,9 +116,8 @@ def quiet_libraries() -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.server.simulation import simulate
-
     from fedtune.rundir import RunDir, fresh_run_dir
+    from fedtune.server.simulation import simulate
 
     if not args.verbose:
         quiet_libraries()

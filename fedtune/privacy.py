@@ -141,6 +141,28 @@ class PrivacyParams:
         _require(not unknown, f"unknown [privacy] keys: {sorted(unknown)}; known: {sorted(known)}")
         return cls(**dict(values))
 
+    @classmethod
+    def from_campaign(
+        cls, section: Any, *, campaign_rounds: int, personal_max_epsilon: float | None = None
+    ) -> PrivacyParams:
+        """Build from the campaign's ``[privacy]`` section (``fedtune.config.PrivacySection``).
+
+        The section writes "derive it" as 0: ``delta = 0`` means :func:`default_delta`, ``planned_rounds = 0``
+        the campaign's rounds, ``update_clip_norm = 0`` no update clipping. Its ``personal_max_epsilon`` is a
+        per-partition table for simulation, so the contributor's own cap is passed in separately.
+        """
+        return cls(
+            mechanism=section.mechanism,
+            target_epsilon=section.target_epsilon,
+            target_delta=section.delta or None,
+            max_grad_norm=section.max_grad_norm,
+            accountant=section.accountant,
+            planned_rounds=section.planned_rounds or campaign_rounds,
+            grad_sample_mode=section.grad_sample_mode,
+            update_clip_norm=section.update_clip_norm or None,
+            personal_max_epsilon=personal_max_epsilon,
+        )
+
     @property
     def private(self) -> bool:
         return self.mechanism == "dp-sgd"

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -28,8 +27,9 @@ from fedtune.ledger import Ledger, resolve_url
 from fedtune.modeling import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_to_record, record_nbytes
 from fedtune.rundir import RunDir, atomic_write_dir
+from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
 
-from .crediting import CreditKeeper, Outcome
+from .crediting import CreditKeeper, Outcome, contributor_of
 
 log = logging.getLogger("fedtune.server")
 SERVER_STATE = "server_state.npz"
@@ -149,6 +149,17 @@ class CampaignServer:
         self.ledger.close()
         return rows
 
+    @staticmethod
+    def privacy_metrics(replies: list[Message]) -> dict[str, Any]:
+        """ε each contributor reported (spent so far), by name, and the largest."""
+        spent = {}
+        for msg in replies:
+            if msg.has_error() or "epsilon" not in msg.content["metrics"]:
+                continue
+            who = contributor_of(msg)
+            spent[who.name if who else str(msg.metadata.src_node_id)] = float(msg.content["metrics"]["epsilon"])
+        return {"epsilon_max": max(spent.values()), "epsilon": spent} if spent else {}
+
     def run_round(self, server_round: int, strategy: FedAvg, grid: Grid) -> dict[str, Any]:
         """One round: sample, send, collect, aggregate, evaluate, checkpoint, credit, record."""
         cfg, fed = self.cfg, self.cfg.federation
@@ -185,6 +196,7 @@ class CampaignServer:
             "bytes_down": record_nbytes(record) * len(messages),
             "bytes_up": sum(record_nbytes(m.content["arrays"]) for m in replies.accepted),
             "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
+            **self.privacy_metrics(raw_replies),
         }
         self.save_checkpoint(server_round, arrays, strategy)
         self.credits.record(server_round, replies.outcomes(messages, raw_replies, applied))

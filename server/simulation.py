@@ -15,8 +15,9 @@ from .round_loop import Reporter
 def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None,
              verbose: bool = False) -> None:
     """Run every round with ``[simulation] contributors`` virtual SuperNodes (Ray actors)."""
-    from fedtune.clients.app import app as client_app
     from flwr.simulation import run_simulation
+
+    from fedtune.clients.app import app as client_app
 
     if not verbose:
         for name in ("flwr", "ray"):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedtune.strategies.factory import build_strategy
-from fedtune.strategies.lora_aggregation import effective_updates, relative_error, weighted_mean
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from clients.trainer import train_local
+from fedtune.clients.trainer import train_local
 from fedtune.config import CampaignConfig
 from fedtune.data import load_raw, partition, split_eval, tokenize
 from fedtune.modeling import build_model, load_trainable, trainable_arrays
 from fedtune.records import arrays_from_record, arrays_to_record
+from fedtune.strategies.factory import build_strategy
+from fedtune.strategies.lora_aggregation import effective_updates, relative_error, weighted_mean
 
 from .conftest import small_campaign
 
