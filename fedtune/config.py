@@ -99,6 +99,8 @@ class SimulationSection:
     partitioner: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = 0.5
     cpus_per_contributor: float = 1.0
+    # partition id -> a data file whose records join that virtual contributor's shard (audits, targeted tests)
+    extra_data: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -315,6 +317,9 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
         _require(pid.isdigit() and int(pid) < sim.contributors, path, f"[privacy] personal_max_epsilon.{pid}",
                  f"a contributor partition id below {sim.contributors}", pid)
         _require(eps > 0, path, f"[privacy] personal_max_epsilon.{pid}", "a number > 0", eps)
+    for pid in sim.extra_data:
+        _require(pid.isdigit() and int(pid) < sim.contributors, path, f"[simulation] extra_data.{pid}",
+                 f"a contributor partition id below {sim.contributors}", pid)
     _require(1 <= sec.bits <= 30, path, "[secure_aggregation] bits", "an integer in [1, 30]", sec.bits)
     _require(sec.min_cohort >= 2, path, "[secure_aggregation] min_cohort", "an integer >= 2", sec.min_cohort)
     _require(cfg.campaign.run_dir != "", path, "[campaign] run_dir", "a directory path", cfg.campaign.run_dir)
@@ -344,4 +349,8 @@ def _resolve_paths(cfg: CampaignConfig, path: Path) -> None:
                  "a model directory containing config.json", cfg.model.name)
         _require(any((model_dir / w).is_file() for w in WEIGHT_FILES), path, "[model] name",
                  f"a model directory with weights ({' or '.join(WEIGHT_FILES[::2])})", cfg.model.name)
+    for pid, extra in list(cfg.simulation.extra_data.items()):
+        cfg.simulation.extra_data[pid] = resolve(extra)
+        _require(Path(cfg.simulation.extra_data[pid]).is_file(), path, f"[simulation] extra_data.{pid}",
+                 "an existing data file", extra)
     cfg.campaign.run_dir = resolve(cfg.campaign.run_dir)

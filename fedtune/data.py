@@ -6,6 +6,7 @@ simulation a virtual contributor loads only its own partition and never sees the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,5 +135,13 @@ def load_eval(cfg: CampaignConfig, tokenizer) -> TokenizedSet:
 
 
 def load_shard(cfg: CampaignConfig, tokenizer, partition_id: int, num_partitions: int) -> TokenizedSet:
+    """A virtual contributor's tokenized shard, plus its ``[simulation] extra_data`` records if any."""
+    from datasets import concatenate_datasets
+
     pool, _ = split_eval(cfg, load_raw(cfg.data))
-    return tokenize(cfg.data, partition(cfg, pool, partition_id, num_partitions), tokenizer)
+    shard = partition(cfg, pool, partition_id, num_partitions)
+    extra = cfg.simulation.extra_data.get(str(partition_id))
+    if extra:
+        added = load_raw(dataclasses.replace(cfg.data, source=extra)).select_columns(shard.column_names)
+        shard = concatenate_datasets([shard, added.cast(shard.features)])
+    return tokenize(cfg.data, shard, tokenizer)
