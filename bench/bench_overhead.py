@@ -2,7 +2,8 @@
 
 The simulated side is ``fedtune simulate`` with one contributor per round (so the comparison is one
 process's work against one process's work); the standalone side is a plain transformers + PEFT loop in
-this process on the same model, the same LoRA config and the same batches. Both use all cores.
+this process on the same model, the same LoRA config and the same batches. Both use one torch thread (on a
+shared 2-core machine, two threads in one process contend with everything else and make the figure noise).
 
     python bench/bench_overhead.py [--steps 150] [--rounds 4] [--out results.json]
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,7 +37,7 @@ class Collect:
 def campaign(steps: int, rounds: int, run_dir: str):
     from fedtune.config import load_config
 
-    cpus = float(os.cpu_count() or 1)
+    cpus = 1.0
     return load_config(REPO / "experiments" / "quickstart.toml", {
         "federation": {"rounds": rounds, "contributors_per_round": 1, "min_cohort": 1, "local_steps": steps},
         "simulation": {"contributors": 1, "cpus_per_contributor": cpus},
@@ -96,14 +96,14 @@ def main() -> None:
         run_dir.create(cfg.to_toml())
         collect = Collect()
         simulate(cfg, run_dir, collect)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)
     warm = collect.rows[1:]  # round 1 includes starting the actor and loading the model
     standalone = [standalone_seconds(cfg, r["round"]) for r in warm]
     trip = statistics.median(r["round_trip_s"] for r in warm)
     full = statistics.median(r["wall_s"] for r in warm)
     alone = statistics.median(standalone)
     result = {
-        "steps": args.steps, "batch_size": cfg.federation.batch_size, "threads": os.cpu_count(),
+        "steps": args.steps, "batch_size": cfg.federation.batch_size, "threads": 1,
         "round_trip_s": trip, "round_wall_s": full, "standalone_s": alone,
         "cold_first_round_s": collect.rows[0]["round_trip_s"],
         "ratio_round_trip": trip / alone, "ratio_full_round": full / alone,
