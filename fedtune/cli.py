@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedtune.credits_cli import add_credits_parser
 
     add_credits_parser(sub)
+    from fedtune.deploy_cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     return parser
 
 

@@ -1,8 +1,8 @@
 """The fedtune ServerApp (Flower Message API).
 
 ``fedtune simulate`` builds one with :func:`make_server_app` around an already validated config and
-run directory; ``flwr run .`` uses the module-level ``app``, which reads the campaign file named by
-the run config key ``campaign``.
+run directory; ``fedtune coordinate`` (and ``flwr run``) uses the module-level ``app``, which reads the
+campaign file named by the run config key ``campaign`` and, when given, resumes the run dir ``run-dir``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(Path(str(context.run_config["campaign"])))
-    run_dir = RunDir(fresh_run_dir(Path(cfg.campaign.run_dir)))
-    run_dir.create(cfg.to_toml())
+    requested = str(context.run_config.get("run-dir", ""))
+    if requested:  # fedtune coordinate: the run dir is fixed, and an existing one is resumed
+        run_dir = RunDir(Path(requested))
+        cfg.campaign.run_dir = str(run_dir.root)
+        if not run_dir.config.exists():
+            run_dir.create(cfg.to_toml())
+    else:
+        run_dir = RunDir(fresh_run_dir(Path(cfg.campaign.run_dir)))
+        run_dir.create(cfg.to_toml())
     CampaignServer(cfg, run_dir).run(grid)

@@ -15,14 +15,19 @@ from fedtune.config import CampaignConfig
 
 
 def build_strategy(cfg: CampaignConfig, available: int) -> FedAvg:
-    """The campaign's strategy, sampling ``contributors_per_round`` of ``available`` nodes each round."""
+    """The campaign's strategy, sampling ``contributors_per_round`` of ``available`` nodes each round.
+
+    Flower samples ``max(int(fraction × online), min_train_nodes)`` nodes and waits until that many are online,
+    so the minimum is the campaign's ``min_cohort``: a contributor that vanished shrinks the cohort instead of
+    stalling the campaign.
+    """
     fed = cfg.federation
     common = dict(
-        fraction_train=min(1.0, fed.contributors_per_round / max(available, 1)),
+        fraction_train=min(1.0, fed.contributors_per_round / max(available, 1) + 1e-9),
         fraction_evaluate=0.0,  # the server holds the eval split
-        min_train_nodes=fed.contributors_per_round,
+        min_train_nodes=fed.min_cohort,
         min_evaluate_nodes=0,
-        min_available_nodes=fed.contributors_per_round,
+        min_available_nodes=fed.min_cohort,
     )
     if fed.server_optimizer == "fedavg":
         return FedAvg(**common)

@@ -1,0 +1,401 @@
+"""The deployment path: `fedtune coordinate` and `fedtune join` on Flower's deployment engine, on loopback.
+
+The integration test runs a coordinator and three contributors as separate processes with TLS and
+SuperNode authentication, kills one contributor in the middle of round 2 and checks that the round
+completes with the two survivors. Sibling tests check that an unenrolled contributor is refused and that
+a contributor refuses an app bundle whose code differs from the installed fedtune. The module-scoped
+:class:`Federation` keeps the processes and helpers, so coordinator restart/resume, DP, secure
+aggregation and credit checks can be added as further tests on the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from fedtune.clients.join import COMPONENTS, BundleRefused, ensure_keys, verify_fab
+from fedtune.server.coordinator import approve, read_allow_list
+from fedtune.tls import ensure_tls
+
+from .conftest import small_campaign
+
+ROUND_TIMEOUT_S = 240.0
+KILL_VICTIM = 2
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bind to port 0 and let the kernel choose)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace_s: float = 15.0) -> int | None:
+    """Signal a process started in its own session, wait, then SIGKILL its whole group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    return proc.returncode
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime"):
+            return float(line.split()[1])
+    return 0.0
+
+
+def clientapps_in_group(pgid: int) -> list[tuple[int, float]]:
+    """(pid, start time) of the ``flwr-clientapp`` processes in process group ``pgid`` (Linux /proc)."""
+    out, btime, tick = [], _boot_time(), os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if b"flwr-clientapp" in cmdline and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append((int(entry.name), btime + int(fields[19]) / tick))
+    return out
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Contributor:
+    name: str
+    state_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Federation:
+    """A coordinator and its contributors, each a process in its own session (killed in teardown)."""
+
+    root: Path
+    port: int
+    run_dir: Path
+    campaign: Path
+    coordinator: subprocess.Popen[bytes] | None = None
+    coordinator_log: Path | None = None
+    contributors: list[Contributor] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.run_dir / "tls" / "ca.pem"
+
+    def spawn(self, args: list[str], log: Path, flwr_home: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "fedtune.deploy_cli", *args], stdout=fh,
+                                    stderr=subprocess.STDOUT, env=_env(flwr_home), cwd=self.root,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_coordinator(self) -> None:
+        self.coordinator_log = self.root / "coordinator.log"
+        self.coordinator = self.spawn(["coordinate", str(self.campaign), "--run-dir", str(self.run_dir),
+                                       "--address", self.address], self.coordinator_log, self.root / "flwr-coord")
+
+    def contributor(self, name: str, enrol: bool = True) -> Contributor:
+        """A contributor's state dir with keys; ``enrol`` adds its key to the coordinator's allow-list."""
+        state = self.root / name
+        keys = ensure_keys(state, name)
+        if enrol:
+            approve(keys.auth_public, self.run_dir, name)
+        return Contributor(name, state, self.root / f"{name}.log")
+
+    def join(self, c: Contributor, partition: int, partitions: int, *extra: str) -> Contributor:
+        c.proc = self.spawn(["join", "--coordinator", self.address, "--root-cert", str(self.ca), "--state-dir",
+                             str(c.state_dir), "--name", c.name, "--port", str(free_port()), "--partition-id",
+                             str(partition), "--num-partitions", str(partitions), "--benchmark-seconds", "0.2",
+                             *extra], c.log, c.state_dir / "flwr-home")
+        return c
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def row(self, server_round: int) -> dict[str, Any] | None:
+        return next((r for r in self.metrics() if r["round"] == server_round), None)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop_group(proc)
+
+
+def _has_run_dir_hook() -> bool:
+    import fedtune.server.app as server_app
+
+    return '"run-dir"' in inspect.getsource(server_app)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """Coordinator + three enrolled contributors running a 2-round campaign (min_cohort 2)."""
+    if not _has_run_dir_hook():
+        pytest.skip("fedtune.server.app does not read the `run-dir` run config yet")
+    root = tmp_path_factory.mktemp("deploy")
+    campaign = root / "campaign.toml"
+    campaign.write_text(tomli_w.dumps(small_campaign(
+        campaign={"name": "deploy-test", "seed": 0, "run_dir": str(root / "run")},
+        federation={"rounds": 2, "contributors_per_round": 3, "min_cohort": 2, "local_steps": 3,
+                    "round_timeout_s": ROUND_TIMEOUT_S})))
+    fed = Federation(root, free_port(), root / "run", campaign)
+    ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
+    contributors = [fed.contributor(f"c{i}") for i in range(3)]
+    try:
+        fed.start_coordinator()
+        fed.contributors = [fed.join(c, i, 3) for i, c in enumerate(contributors)]
+        yield fed
+    finally:
+        fed.close()
+
+
+def test_unenrolled_contributor_is_refused(federation: Federation) -> None:
+    """Runs first, while the coordinator's SuperLink is up: a key nobody approved is turned away."""
+    stranger = federation.contributor("stranger", enrol=False)
+    federation.join(stranger, 0, 3, "--enrol-wait", "0")
+    assert stranger.proc is not None
+    assert stranger.proc.wait(120) == 3, stranger.output()
+    assert "refused this contributor's key" in stranger.output()
+    assert "fedtune approve" in stranger.output()
+
+
+def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation: Federation) -> None:
+    fed = federation
+    victim = fed.contributors[KILL_VICTIM]
+    wait_for(lambda: fed.row(1), 300, "round 1 in metrics.jsonl")
+    round1 = fed.row(1)
+    assert round1 is not None and round1["participants"] == 3 and round1["applied"]
+    round1_at = (fed.run_dir / "metrics.jsonl").stat().st_mtime
+    assert victim.proc is not None
+    wait_for(lambda: [p for p, t in clientapps_in_group(victim.proc.pid) if t > round1_at - 0.5], 120,
+             "the victim's round-2 ClientApp", interval_s=0.1)
+    os.killpg(victim.proc.pid, signal.SIGKILL)  # the join agent, its SuperNode and the running ClientApp
+    row2 = wait_for(lambda: fed.row(2), ROUND_TIMEOUT_S + 60, "round 2 in metrics.jsonl")
+    assert row2["applied"] and row2["participants"] == 2 and row2["failed"] == 1, row2
+    assert fed.coordinator is not None
+    assert fed.coordinator.wait(120) == 0, fed.coordinator_log.read_text() if fed.coordinator_log else ""
+    out = fed.coordinator_log.read_text() if fed.coordinator_log else ""
+    assert "round 1:" in out and "round 2:" in out and "campaign complete" in out
+    assert (fed.run_dir / "adapter").is_dir()
+    survivors = [c for c in fed.contributors if c is not victim]
+    if _client_writes_rounds():
+        for c in survivors:
+            rows = [json.loads(line) for line in (c.state_dir / "rounds.jsonl").read_text().splitlines()]
+            assert {r["round"] for r in rows} >= {1, 2}
+            assert "round 2:" in c.output()
+    for c in survivors:  # Ctrl-C stops a contributor cleanly
+        assert c.proc is not None
+        os.kill(c.proc.pid, signal.SIGINT)
+        assert c.proc.wait(60) == 0, c.output()
+        assert "stopping the SuperNode" in c.output()
+
+
+def _client_writes_rounds() -> bool:
+    import fedtune.clients.app as client_app
+
+    return "rounds.jsonl" in inspect.getsource(client_app)
+
+
+# ------------------------------------------------------------------------------ foreign app bundles
+
+PROBE_SERVER = '''
+import json, time
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.time() + 120
+    while not (nodes := list(grid.get_node_ids())) and time.time() < deadline:
+        time.sleep(1)
+    msgs = [Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
+            for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=120))
+    out = [{"error": r.error.reason if r.has_error() else None} for r in replies]
+    Path(str(context.run_config["out"])).write_text(json.dumps(out))
+'''
+
+EVIL_CLIENT = '''
+from pathlib import Path
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    Path(MARKER).write_text("foreign code ran")
+    return Message(RecordDict({"m": MetricRecord({"x": 1})}), reply_to=message)
+'''
+
+
+def _pyproject(serverapp: str, clientapp: str = COMPONENTS["clientapp"]) -> str:
+    return (f'[project]\nname = "probe"\nversion = "1.0.0"\ndependencies = []\n\n[tool.flwr.app]\n'
+            f'publisher = "test"\n\n[tool.flwr.app.components]\nserverapp = "{serverapp}"\n'
+            f'clientapp = "{clientapp}"\n\n[tool.flwr.app.config]\nout = ""\n')
+
+
+def _fab(files: dict[str, bytes]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(".info/CONTENT", "")
+    return buf.getvalue()
+
+
+def _installed(module_file: str) -> bytes:
+    import fedtune.clients.app as client_app
+
+    return Path(client_app.__file__).read_bytes() if module_file == "app" else b""
+
+
+def test_verify_fab_accepts_only_installed_code() -> None:
+    minimal = _fab({"pyproject.toml": _pyproject(COMPONENTS["serverapp"]).encode()})
+    verify_fab(minimal)
+    verify_fab(minimal, "serverapp")
+    same = _fab({"pyproject.toml": _pyproject(COMPONENTS["serverapp"]).encode(),
+                 "fedtune/clients/app.py": _installed("app"), "README.md": b"docs are fine"})
+    verify_fab(same)
+    cases = {
+        "differs": {"fedtune/clients/app.py": _installed("app") + b"\nprint('extra')\n"},
+        "not part of the installed": {"fedtune/clients/helper.py": b"x = 1\n"},
+        "compiled": {"fedtune/clients/app.cpython-311-x86_64-linux-gnu.so": b"\x7fELF"},
+    }
+    for expected, files in cases.items():
+        with pytest.raises(BundleRefused, match=expected):
+            verify_fab(_fab({"pyproject.toml": _pyproject(COMPONENTS["serverapp"]).encode(), **files}))
+    with pytest.raises(BundleRefused, match="names clientapp"):
+        verify_fab(_fab({"pyproject.toml": _pyproject("x:app", "evil.client:app").encode()}))
+    with pytest.raises(BundleRefused, match="names serverapp"):
+        verify_fab(_fab({"pyproject.toml": _pyproject("probe_server:app").encode()}), "serverapp")
+
+
+def test_keys_survive_a_restart(tmp_path: Path) -> None:
+    first = ensure_keys(tmp_path / "state", "alice")
+    again = ensure_keys(tmp_path / "state", "alice")
+    assert first.contributor_id == again.contributor_id and first.public_line == again.public_line
+    assert first.public_line.startswith("ecdsa-sha2-nistp384 ")
+    assert oct((tmp_path / "state" / "supernode.key").stat().st_mode & 0o777) == "0o600"
+    run = tmp_path / "run"
+    approve(first.auth_public, run, "alice")
+    approve(first.auth_public, run, "alice")  # idempotent
+    assert [e.name for e in read_allow_list(run / "contributors.allow")] == ["alice"]
+
+
+def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
+    """A SuperLink (plain Flower, no fedtune guard) sends a bundle that shadows fedtune.clients.app."""
+    port = free_port()
+    link_home, marker, out = tmp_path / "flwr-link", tmp_path / "foreign-code-ran", tmp_path / "replies.json"
+    env = _env(link_home)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with (tmp_path / "superlink.log").open("ab") as fh:
+            procs.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--port", str(port),
+                 "--disable-runtime-dependency-installation"], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                cwd=tmp_path, start_new_session=True))
+        wait_for(lambda: _listening(port), 60, "the SuperLink")
+        state = tmp_path / "contributor"
+        with (tmp_path / "join.log").open("ab") as fh:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedtune.deploy_cli", "join", "--coordinator", f"127.0.0.1:{port}",
+                 "--insecure", "--state-dir", str(state), "--port", str(free_port()), "--benchmark-seconds", "0.1"],
+                stdout=fh, stderr=subprocess.STDOUT, env=_env(tmp_path / "flwr-join"), cwd=tmp_path,
+                start_new_session=True))
+        app = tmp_path / "app"
+        (app / "fedtune" / "clients").mkdir(parents=True)
+        (app / "pyproject.toml").write_text(_pyproject("probe_server:app"))
+        (app / "probe_server.py").write_text(PROBE_SERVER)
+        (app / "fedtune" / "clients" / "__init__.py").write_text("")
+        (app / "fedtune" / "clients" / "app.py").write_text(f"MARKER = {str(marker)!r}\n" + EVIL_CLIENT)
+        link_home.mkdir(exist_ok=True)
+        (link_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "t"\n\n[superlink.t]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        res = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(app), "t", "--run-config",
+                              f'out="{out}"'], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        join = procs[1]
+
+        def replies_or_dead_join() -> Any:
+            assert join.poll() is None, (tmp_path / "join.log").read_text()
+            return out.exists() and json.loads(out.read_text())
+
+        replies = wait_for(replies_or_dead_join, 240, "the probe's replies")
+        assert len(replies) == 1
+        assert replies[0]["error"] and "differs from the installed fedtune" in replies[0]["error"], replies
+        assert not marker.exists()
+    finally:
+        for proc in reversed(procs):
+            stop_group(proc)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
