@@ -9,7 +9,10 @@ base, later: a spent privacy budget) replies with ``declined = 1`` and its reaso
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from fedtune.modeling import (
 from fedtune.privacy import ContributorPrivacy, PrivacyParams, clip_update
 from fedtune.records import arrays_from_record, arrays_to_record, campaign_from_record
 
+from .secagg_client import register_secagg_handlers
 from .trainer import train_local, train_local_private
 
 log = logging.getLogger("fedtune.client")
@@ -47,17 +51,20 @@ class _Workspace:
 _WORKSPACES: dict[tuple[str, int, int], _Workspace] = {}
 
 
-def _workspace(cfg: CampaignConfig, cfg_key: str, partition_id: int, num_partitions: int) -> _Workspace:
+def _workspace(cfg: CampaignConfig, cfg_key: str, partition_id: int, num_partitions: int,
+               device: str = "cpu") -> _Workspace:
     key = (cfg_key, partition_id, num_partitions)
     if key not in _WORKSPACES:
         _WORKSPACES.clear()  # one campaign per process at a time: free the previous model
-        model, tokenizer = build_model(cfg)
+        model, tokenizer = build_model(cfg, device)
         _WORKSPACES[key] = _Workspace(model, load_shard(cfg, tokenizer, partition_id, num_partitions))
     return _WORKSPACES[key]
 
 
 def _partition(context: Context) -> tuple[int, int]:
     node = context.node_config
+    if str(node.get("data", "")):
+        return 0, 1  # its own data, whole
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
 
 
@@ -75,9 +82,22 @@ def identity_record(cfg: CampaignConfig, context: Context) -> ConfigRecord:
     return ConfigRecord({"id": who.id, "name": who.name, "team": who.team or "", "peak-flops": 0.0})
 
 
-def decline(message: Message, reason: str, who: ConfigRecord, epsilon: float | None = None) -> Message:
+def record_round(context: Context, row: dict) -> None:
+    """Append this contributor's round to ``STATE_DIR/rounds.jsonl``, which ``fedtune join`` prints."""
+    state = str(context.node_config.get("state-dir", ""))
+    if state:
+        Path(state).mkdir(parents=True, exist_ok=True)
+        with (Path(state) / "rounds.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**row, "time": time.time()}, sort_keys=True) + "\n")
+
+
+def decline(message: Message, reason: str, who: ConfigRecord, epsilon: float | None = None,
+            context: Context | None = None) -> Message:
     """Reply that this contributor does not train this round, and why (the server logs it)."""
     log.warning("declining round: %s", reason)
+    if context is not None:
+        record_round(context, {"round": int(message.content["config"]["server-round"]), "declined": True,
+                               "reason": reason, "epsilon": epsilon})
     metrics = MetricRecord({"declined": 1, "num-examples": 0} | ({} if epsilon is None else {"epsilon": epsilon}))
     content = RecordDict({"metrics": metrics, "reason": ConfigRecord({"reason": reason}), "contributor": who})
     return Message(content=content, reply_to=message)
@@ -111,23 +131,44 @@ def clipped_update(start: dict[str, np.ndarray], end: dict[str, np.ndarray], bou
     return {k: start[k] + clipped[k] for k in start}
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
+@dataclass
+class LocalUpdate:
+    """A finished local round: the adapter before and after (clipped), what was done, and by whom."""
+
+    cfg: CampaignConfig
+    start: dict[str, np.ndarray]
+    end: dict[str, np.ndarray]
+    metrics: MetricRecord
+    who: ConfigRecord
+
+
+def local_update(message: Message, context: Context,
+                 refuse: Callable[[CampaignConfig], str | None] | None = None) -> LocalUpdate | Message:
+    """Every contributor-side check, then local training: a decline reply, or the update to send.
+
+    ``refuse`` adds a reason to decline (checked before the privacy budget and training, so a refused
+    round costs neither); the plain and the secure-aggregation handlers share everything else.
+    """
     cfg_toml, cfg = campaign_from_record(message.content["config"])
+    if str(context.node_config.get("data", "")):  # a deployed contributor trains on its own data
+        cfg.data.source = str(context.node_config["data"])
     round_cfg = message.content["config"]
     who = identity_record(cfg, context)
     try:
         check_fingerprint(cfg.model, str(round_cfg["base-fingerprint"]))
     except FingerprintMismatch as exc:
-        return decline(message, str(exc), who)
+        return decline(message, str(exc), who, context=context)
+    if refuse is not None and (reason := refuse(cfg)) is not None:
+        return decline(message, reason, who, context=context)
     partition_id, num_partitions = _partition(context)
-    ws = _workspace(cfg, hashlib.sha256(cfg_toml.encode()).hexdigest(), partition_id, num_partitions)
+    ws = _workspace(cfg, hashlib.sha256(cfg_toml.encode()).hexdigest(), partition_id, num_partitions,
+                    str(context.node_config.get("device", "cpu")))
     fed = cfg.federation
     privacy = load_privacy(cfg, context, state_dir(context, round_cfg, str(who["id"])), len(ws.shard))
     if privacy is not None:
         ok, reason = privacy.check_round(fed.local_steps)
         if not ok:
-            return decline(message, reason, who, privacy.epsilon_spent())
+            return decline(message, reason, who, privacy.epsilon_spent(), context=context)
     start = arrays_from_record(message.content["arrays"])
     load_trainable(ws.model, start)
     seed = cfg.campaign.seed * 1_000_003 + int(round_cfg["server-round"]) * 1009 + partition_id
@@ -145,5 +186,19 @@ def train(message: Message, context: Context) -> Message:
         "train_loss": result.train_loss, "wall_s": result.wall_s, "steps": result.steps, "declined": 0,
         **({"epsilon": float(result.privacy["epsilon_spent"])} if result.privacy else {}),
     })
-    content = RecordDict({"arrays": arrays_to_record(end), "metrics": metrics, "contributor": who})
+    record_round(context, {"round": int(round_cfg["server-round"]), "examples": result.examples,
+                           "tokens": result.tokens, "train_loss": result.train_loss, "wall_s": result.wall_s,
+                           "epsilon": result.privacy.get("epsilon_spent")})
+    return LocalUpdate(cfg, start, end, metrics, who)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    update = local_update(message, context)
+    if isinstance(update, Message):
+        return update
+    content = RecordDict({"arrays": arrays_to_record(update.end), "metrics": update.metrics, "contributor": update.who})
     return Message(content=content, reply_to=message)
+
+
+register_secagg_handlers(app, local_update)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedtune.config import CampaignConfig
+from fedtune.ledger import Contributor
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -31,3 +34,23 @@ def campaign_from_record(record: ConfigRecord) -> tuple[str, CampaignConfig]:
     import tomllib
 
     return text, CampaignConfig.from_dict(tomllib.loads(text), source="<coordinator>")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one sampled node in a round."""
+
+    node_id: int
+    status: str  # included | declined | dropped | failed
+    reason: str | None = None
+    reply: Message | None = None
+
+
+def contributor_of(reply: Message) -> Contributor | None:
+    """The identity a contributor states in its reply (``contributor`` config record)."""
+    if "contributor" not in reply.content.config_records:
+        return None
+    rec = reply.content["contributor"]
+    peak = float(rec.get("peak-flops", 0.0)) or None
+    team = str(rec.get("team", "")) or None
+    return Contributor(id=str(rec["id"]), name=str(rec["name"]), team=team, declared_peak_flops=peak)

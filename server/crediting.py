@@ -8,33 +8,10 @@ input is in the applied aggregate; its reported wall time is stored and checked,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from flwr.app import Message
-
 from fedtune.config import CampaignConfig
 from fedtune.credit import train_flops_per_token
 from fedtune.ledger import Contributor, Ledger, RoundEntry
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one sampled node in a round."""
-
-    node_id: int
-    status: str  # included | declined | dropped | failed
-    reason: str | None = None
-    reply: Message | None = None
-
-
-def contributor_of(reply: Message) -> Contributor | None:
-    """The identity a contributor states in its reply (``contributor`` config record)."""
-    if "contributor" not in reply.content.config_records:
-        return None
-    rec = reply.content["contributor"]
-    peak = float(rec.get("peak-flops", 0.0)) or None
-    team = str(rec.get("team", "")) or None
-    return Contributor(id=str(rec["id"]), name=str(rec["name"]), team=team, declared_peak_flops=peak)
+from fedtune.records import Outcome, contributor_of
 
 
 class CreditKeeper:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -25,11 +25,19 @@ from fedtune.data import load_eval
 from fedtune.evaluation import evaluate_loss
 from fedtune.ledger import Ledger, resolve_url
 from fedtune.modeling import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
-from fedtune.records import arrays_from_record, arrays_to_record, campaign_to_record, record_nbytes
+from fedtune.records import (
+    Outcome,
+    arrays_from_record,
+    arrays_to_record,
+    campaign_to_record,
+    contributor_of,
+    record_nbytes,
+)
 from fedtune.rundir import RunDir, atomic_write_dir
 from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
+from fedtune.strategies.secagg_workflow import SecAggWorkflow
 
-from .crediting import CreditKeeper, Outcome, contributor_of
+from .crediting import CreditKeeper
 
 log = logging.getLogger("fedtune.server")
 SERVER_STATE = "server_state.npz"
@@ -90,6 +98,8 @@ class CampaignServer:
 
     def __init__(self, cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None) -> None:
         self.cfg, self.run_dir, self.reporter = cfg, run_dir, reporter or LogReporter()
+        # validates the setup (sum overflow, threshold) before anything is built or written; None: plain aggregation
+        self.secure = SecAggWorkflow(cfg, run_dir.root) if cfg.secure_aggregation.protocol == "secagg+" else None
         self.model, tokenizer = build_model(cfg)
         self.eval_set = load_eval(cfg, tokenizer)
         self.fingerprint = base_fingerprint(cfg.model)
@@ -168,6 +178,8 @@ class CampaignServer:
         record = arrays_to_record(arrays)
         config = campaign_to_record(cfg, **{"base-fingerprint": self.fingerprint,
                                             "state-root": str(self.run_dir.root / "contributors")})
+        if self.secure is not None:
+            return self.run_secure_round(server_round, strategy, grid, start, record, config)
         messages = list(strategy.configure_train(server_round, record, config, grid))
         raw_replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
         round_trip_s = time.perf_counter() - start
@@ -198,7 +210,42 @@ class CampaignServer:
             "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
             **self.privacy_metrics(raw_replies),
         }
+        return self.close_round(server_round, strategy, arrays, row, replies.outcomes(messages, raw_replies, applied))
+
+    def close_round(self, server_round: int, strategy: FedAvg, arrays: dict[str, np.ndarray], row: dict[str, Any],
+                    outcomes: list[Outcome]) -> dict[str, Any]:
+        """Checkpoint, credit and record a finished round (applied or not): the same for every protocol."""
         self.save_checkpoint(server_round, arrays, strategy)
-        self.credits.record(server_round, replies.outcomes(messages, raw_replies, applied))
+        self.credits.record(server_round, outcomes)
         self.run_dir.append_metrics(row)
         return row
+
+    def run_secure_round(self, server_round: int, strategy: FedAvg, grid: Grid, start: float, record: ArrayRecord,
+                         config: ConfigRecord) -> dict[str, Any]:
+        """One SecAgg+ round: the server only ever sees the survivors' sum; an aborted round changes nothing.
+
+        Only survivors whose masked input is in the applied sum are credited ("included"); an abort (fewer
+        than the threshold or the minimum cohort left) leaves adapter and optimizer state as they were.
+        """
+        assert self.secure is not None
+        result = self.secure.run_round(grid, strategy, server_round, record, config)
+        arrays = arrays_from_record(record)
+        if result.arrays is not None:
+            arrays = result.arrays
+            load_trainable(self.model, arrays)
+        participants = len(result.survivors) if result.applied else 0
+        train_loss = result.train_metrics.get("train_loss") if result.train_metrics else None
+        row = {
+            "round": server_round, **self.evaluate(), "applied": result.applied,
+            "train_loss": None if train_loss is None else float(train_loss),
+            "participants": participants, "sampled": len(result.cohort), "declined": result.declined,
+            "failed": len(result.cohort) - participants - result.declined,  # errors + no reply + aborted
+            "examples": result.examples if result.applied else 0, "tokens": result.tokens if result.applied else 0,
+            "bytes_down": result.bytes_down, "bytes_up": result.bytes_up,
+            "round_trip_s": result.round_trip_s, "wall_s": time.perf_counter() - start,
+            "secure_aggregation": True, "survivors": len(result.survivors),
+            "secagg_stage_s": {k: round(v, 4) for k, v in result.stage_s.items()},
+            **({"abort_reason": result.abort_reason} if result.abort_reason else {}),
+            **self.privacy_metrics(result.replies),
+        }
+        return self.close_round(server_round, strategy, arrays, row, result.outcomes)

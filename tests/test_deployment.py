@@ -11,7 +11,6 @@ aggregation and credit checks can be added as further tests on the same run.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -70,16 +69,9 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace_s
     return proc.returncode
 
 
-def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime"):
-            return float(line.split()[1])
-    return 0.0
-
-
-def clientapps_in_group(pgid: int) -> list[tuple[int, float]]:
-    """(pid, start time) of the ``flwr-clientapp`` processes in process group ``pgid`` (Linux /proc)."""
-    out, btime, tick = [], _boot_time(), os.sysconf("SC_CLK_TCK")
+def clientapps_in_group(pgid: int) -> list[int]:
+    """Pids of the live ``flwr-clientapp`` processes in process group ``pgid`` (Linux /proc)."""
+    out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -90,7 +82,7 @@ def clientapps_in_group(pgid: int) -> list[tuple[int, float]]:
             continue
         fields = stat.rsplit(")", 1)[1].split()
         if b"flwr-clientapp" in cmdline and int(fields[2]) == pgid and fields[0] != "Z":
-            out.append((int(entry.name), btime + int(fields[19]) / tick))
+            out.append(int(entry.name))
     return out
 
 
@@ -177,17 +169,9 @@ class Federation:
             stop_group(proc)
 
 
-def _has_run_dir_hook() -> bool:
-    import fedtune.server.app as server_app
-
-    return '"run-dir"' in inspect.getsource(server_app)
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """Coordinator + three enrolled contributors running a 2-round campaign (min_cohort 2)."""
-    if not _has_run_dir_hook():
-        pytest.skip("fedtune.server.app does not read the `run-dir` run config yet")
     root = tmp_path_factory.mktemp("deploy")
     campaign = root / "campaign.toml"
     campaign.write_text(tomli_w.dumps(small_campaign(
@@ -221,10 +205,11 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     wait_for(lambda: fed.row(1), 300, "round 1 in metrics.jsonl")
     round1 = fed.row(1)
     assert round1 is not None and round1["participants"] == 3 and round1["applied"]
-    round1_at = (fed.run_dir / "metrics.jsonl").stat().st_mtime
     assert victim.proc is not None
-    wait_for(lambda: [p for p, t in clientapps_in_group(victim.proc.pid) if t > round1_at - 0.5], 120,
-             "the victim's round-2 ClientApp", interval_s=0.1)
+    # process start times derived from btime drift on VMs: a pid unseen after round 1 is the round-2 ClientApp
+    seen = set(clientapps_in_group(victim.proc.pid))
+    wait_for(lambda: set(clientapps_in_group(victim.proc.pid)) - seen, 120,
+             "the victim's round-2 ClientApp", interval_s=0.05)
     os.killpg(victim.proc.pid, signal.SIGKILL)  # the join agent, its SuperNode and the running ClientApp
     row2 = wait_for(lambda: fed.row(2), ROUND_TIMEOUT_S + 60, "round 2 in metrics.jsonl")
     assert row2["applied"] and row2["participants"] == 2 and row2["failed"] == 1, row2
@@ -234,11 +219,10 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     assert "round 1:" in out and "round 2:" in out and "campaign complete" in out
     assert (fed.run_dir / "adapter").is_dir()
     survivors = [c for c in fed.contributors if c is not victim]
-    if _client_writes_rounds():
-        for c in survivors:
-            rows = [json.loads(line) for line in (c.state_dir / "rounds.jsonl").read_text().splitlines()]
-            assert {r["round"] for r in rows} >= {1, 2}
-            assert "round 2:" in c.output()
+    for c in survivors:
+        rows = [json.loads(line) for line in (c.state_dir / "rounds.jsonl").read_text().splitlines()]
+        assert {r["round"] for r in rows} >= {1, 2}
+        assert "round 2:" in c.output()
     for c in survivors:  # Ctrl-C stops a contributor cleanly
         assert c.proc is not None
         os.kill(c.proc.pid, signal.SIGINT)
@@ -246,10 +230,49 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
         assert "stopping the SuperNode" in c.output()
 
 
-def _client_writes_rounds() -> bool:
-    import fedtune.clients.app as client_app
+def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) -> None:
+    """DP-SGD and SecAgg+ across three contributor processes; the coordinator is SIGKILLed after round 2 and
+    started again on the same run dir: round 3 completes and no round is credited twice."""
+    from fedtune.ledger import Ledger, default_url
 
-    return "rounds.jsonl" in inspect.getsource(client_app)
+    campaign = tmp_path / "campaign.toml"
+    campaign.write_text(tomli_w.dumps(small_campaign(
+        campaign={"name": "deploy-secure", "seed": 0, "run_dir": str(tmp_path / "run")},
+        federation={"rounds": 3, "contributors_per_round": 3, "min_cohort": 3, "local_steps": 3,
+                    "round_timeout_s": ROUND_TIMEOUT_S},
+        # room for one round more than planned: training done for a round the crash cut short stays spent
+        privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
+        secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0})))
+    fed = Federation(tmp_path, free_port(), tmp_path / "run", campaign)
+    ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])
+    try:
+        fed.contributors = [fed.join(fed.contributor(f"s{i}"), i, 3) for i in range(3)]
+        fed.start_coordinator()
+        wait_for(lambda: fed.row(2), 2 * ROUND_TIMEOUT_S, "round 2 in metrics.jsonl")
+        assert fed.coordinator is not None
+        os.killpg(fed.coordinator.pid, signal.SIGKILL)  # coordinator, SuperLink and ServerApp, no goodbye
+        fed.coordinator.wait(30)
+        assert fed.row(3) is None
+        fed.start_coordinator()
+        row3 = wait_for(lambda: fed.row(3), 2 * ROUND_TIMEOUT_S, "round 3 after the restart")
+        assert fed.coordinator.wait(120) == 0, fed.coordinator_log.read_text() if fed.coordinator_log else ""
+        assert "resuming" in (fed.coordinator_log.read_text() if fed.coordinator_log else "")
+    finally:
+        fed.close()
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        assert r["applied"] and r["secure_aggregation"] and r["participants"] == 3, r
+        assert 0 < r["epsilon_max"] <= 8.0
+    assert row3["epsilon_max"] > rows[1]["epsilon_max"]
+    with Ledger.open(default_url(fed.run_dir)) as ledger:
+        board = ledger.leaderboard("deploy-secure")
+        assert sorted(r.name for r in board) == ["s0", "s1", "s2"]
+        assert all(r.rounds == 3 for r in board), board  # rounds 1-2 not credited again after the restart
+        assert len({e.credit for e in ledger.round_entries("deploy-secure", 3)}) == 1
+    for c in fed.contributors:
+        privacy = json.loads((c.state_dir / "privacy.json").read_text())
+        assert privacy["rounds"] in (3, 4) and privacy["epsilon_spent"] <= 8.0  # 4: trained in the cut round
 
 
 # ------------------------------------------------------------------------------ foreign app bundles
