@@ -93,21 +93,11 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     do.set_defaults(func=cmd_doctor)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtune", description="fedtune deployment commands")
-    add_deploy_parsers(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    from fedtune.config import ConfigError
+    """``python -m fedtune.deploy_cli`` is the ``fedtune`` command (which includes these subcommands)."""
+    from fedtune.cli import main as fedtune_main
 
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return fedtune_main(argv)
 
 
 if __name__ == "__main__":
