@@ -136,10 +136,22 @@ class CampaignServer:
             return row["round"], [r for r in rows if r["round"] <= row["round"]]
         return None
 
+    def wait_for_contributors(self, grid: Grid) -> int:
+        """Wait (up to one round timeout) until a full cohort is online; returns how many are.
+
+        Later rounds sample from whoever is online, down to ``min_cohort``, so a vanished contributor shrinks
+        the cohort instead of stalling the campaign; the first round should not start with the early birds.
+        """
+        fed = self.cfg.federation
+        deadline = time.monotonic() + fed.round_timeout_s
+        while (online := len(list(grid.get_node_ids()))) < fed.contributors_per_round and time.monotonic() < deadline:
+            time.sleep(1.0)
+        return online
+
     def run(self, grid: Grid) -> list[dict[str, Any]]:
         """Run the remaining rounds; a run dir with completed rounds is resumed after the last of them."""
         cfg, fed = self.cfg, self.cfg.federation
-        strategy = build_strategy(cfg, len(list(grid.get_node_ids())))
+        strategy = build_strategy(cfg, self.wait_for_contributors(grid))
         resumed = self.resume_point(strategy)
         if resumed is None:
             row0 = {"round": 0, **self.evaluate(), "train_loss": None, "participants": 0, "declined": 0,
