@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.clients.join import COMPONENTS, guard_runner, write_shim
+from fedtune.rundir import RunDir
 from fedtune.tls import ensure_tls
 
 CONNECTION = "fedtune"
@@ -209,8 +210,9 @@ class Coordinator:
         return self.run_dir / "contributors.allow"
 
     @property
-    def metrics(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+    def layout(self) -> RunDir:
+        """The run dir as the ServerApp writes it (config.toml, metrics.jsonl, checkpoints)."""
+        return RunDir(self.run_dir)
 
     def env(self) -> dict[str, str]:
         """Environment of the SuperLink and the flwr CLI: own FLWR_HOME, the serverapp guard first on PATH."""
@@ -234,20 +236,18 @@ class Coordinator:
 
         self.run_dir = self.run_dir.expanduser().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = self.run_dir / "config.toml"
+        resolved = self.layout.config
         cfg = validate_campaign(str(self.config_path))
         cfg.campaign.run_dir = str(self.run_dir)
-        if resolved.exists() and self.metrics.exists():
-            done = [json.loads(line)["round"] for line in self.metrics.read_text().splitlines() if line.strip()]
+        if resolved.exists() and self.layout.metrics.exists():
+            done = [row["round"] for row in self.layout.read_metrics()]
             print(f"resuming the campaign in {self.run_dir} (rounds recorded: {max(done, default=-1)})",
                   file=self.out)
             if resolved.read_text(encoding="utf-8") != cfg.to_toml():
                 print(f"warning: {self.config_path} changed since the run started; keeping {resolved}",
                       file=sys.stderr)
         else:
-            from fedtune.rundir import atomic_write_text
-
-            atomic_write_text(resolved, cfg.to_toml())
+            self.layout.create(cfg.to_toml())
         host, port = split_address(self.address)
         ca = None
         if not self.insecure:
@@ -402,8 +402,7 @@ def coordinate(config_path: Path, run_dir: Path, address: str = "127.0.0.1:9092"
         next_status = time.monotonic() + status_every_s
         status: str | None = None
         while not stop.is_set():
-            rows = [json.loads(line) for line in co.metrics.read_text().splitlines()] if co.metrics.exists() else []
-            for row in rows:
+            for row in co.layout.read_metrics():
                 if row["round"] not in printed:
                     printed.add(row["round"])
                     print(format_row(row), file=out, flush=True)
