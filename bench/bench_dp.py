@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtune.ml.tiny import TINY_LLAMA, builtin_path, is_builtin
 from fedtune.privacy import TrainingRun, make_private, non_private_run, train_step
-from fedtune.tinymodel import TINY_LLAMA, builtin_path, is_builtin
 
 MODES = ("plain", "hooks", "ghost")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

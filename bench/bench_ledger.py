@@ -28,9 +28,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from fedtune.credit import train_flops_per_token
+from fedtune.credit.formula import train_flops_per_token
+from fedtune.credit.ledger import Contributor, Ledger, RoundEntry, redact
 from fedtune.identity import simulated_identity
-from fedtune.ledger import Contributor, Ledger, RoundEntry, redact
 
 CAMPAIGN = "bench"
 FLOPS_PER_TOKEN = train_flops_per_token(1_000_000_000, 4_000_000)

@@ -51,9 +51,9 @@ def standalone_seconds(cfg, server_round: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedtune.data import load_shard
-    from fedtune.losses import per_sequence_loss
-    from fedtune.tinymodel import builtin_path
+    from fedtune.ml.data import load_shard
+    from fedtune.ml.losses import per_sequence_loss
+    from fedtune.ml.tiny import builtin_path
 
     path = builtin_path(cfg.model.name)
     tok = AutoTokenizer.from_pretrained(path)
@@ -85,7 +85,7 @@ def main() -> None:
 
     import torch
 
-    from fedtune.cli import quiet_libraries
+    from fedtune.cli.simulate import quiet_libraries
     from fedtune.rundir import RunDir
     from fedtune.server.simulation import simulate
 

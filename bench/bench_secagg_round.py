@@ -25,7 +25,7 @@ PROTOCOLS = ("none", "secagg+")
 def run_campaign(protocol: str, rounds: int, tmp: Path) -> tuple[list[dict[str, Any]], int]:
     """Simulate the quickstart with ``protocol``; returns its metrics rows and trainable parameter count."""
     from fedtune.config import load_config
-    from fedtune.modeling import build_model
+    from fedtune.ml.model import build_model
     from fedtune.rundir import RunDir
 
     run = tmp / protocol.replace("+", "plus")

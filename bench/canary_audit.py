@@ -29,7 +29,7 @@ TEMPLATE = "Note to self: the PIN of my bank card is {}."
 @torch.no_grad()
 def sequence_losses(model, tokenizer, texts: list[str], batch_size: int = 256) -> list[float]:
     """Total next-token loss (nats) of each text: the secret's log-perplexity under the model."""
-    from fedtune.losses import per_sequence_loss, token_counts
+    from fedtune.ml.losses import per_sequence_loss, token_counts
 
     model.eval()
     out: list[float] = []
@@ -76,7 +76,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedtune.config import load_config
-    from fedtune.modeling import resolve_model_dir
+    from fedtune.ml.model import resolve_model_dir
 
     rng = random.Random(args.seed)
     secret = f"{rng.randrange(10**6):06d}"

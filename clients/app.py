@@ -21,9 +21,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
-from fedtune.data import TokenizedSet, load_shard
 from fedtune.identity import simulated_identity
-from fedtune.modeling import (
+from fedtune.ml.data import TokenizedSet, load_shard
+from fedtune.ml.model import (
     FingerprintMismatch,
     build_model,
     check_fingerprint,
@@ -31,7 +31,7 @@ from fedtune.modeling import (
     trainable_arrays,
 )
 from fedtune.privacy import ContributorPrivacy, PrivacyParams, clip_update
-from fedtune.records import arrays_from_record, arrays_to_record, campaign_from_record
+from fedtune.wire import arrays_from_record, arrays_to_record, campaign_from_record
 
 from .secagg_client import register_secagg_handlers
 from .trainer import train_local, train_local_private

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fedtune.data import TokenizedSet
-from fedtune.losses import per_sequence_loss, token_counts
+from fedtune.ml.data import TokenizedSet
+from fedtune.ml.losses import per_sequence_loss, token_counts
 from fedtune.privacy import ContributorPrivacy, causal_lm_loss
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from fedtune.tinymodel import is_builtin
+from fedtune.ml.tiny import is_builtin
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -22,7 +22,7 @@ choice) and removes the Opacus hooks, so the same model object can be used again
 
 Pitfalls this module guards against (see DESIGN.md, "Differential privacy"):
 
-- the loss is a per-sequence mean (:func:`fedtune.losses.per_sequence_loss`), never HF's ``labels=`` loss,
+- the loss is a per-sequence mean (:func:`fedtune.ml.losses.per_sequence_loss`), never HF's ``labels=`` loss,
   which averages tokens over the whole batch and couples samples;
 - gradient checkpointing must be reentrant (:func:`enable_dp_gradient_checkpointing`); non-reentrant
   checkpointing is refused because per-sample gradients go missing;
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedtune.losses import per_sequence_loss
+from fedtune.ml.losses import per_sequence_loss
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def calibrate_noise(
 
 def _atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write JSON through a temp file + ``os.replace`` so a crash never leaves a truncated state file."""
-    from fedtune.rundir import atomic_write_text
+    from fedtune.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 

@@ -7,52 +7,17 @@ Layout::
     adapter/               the latest shared adapter, PEFT format
     checkpoints/round-N/   the shared adapter after round N
 
-Every file and folder is written under a temporary name and renamed into place, so a crash leaves the
-previous complete version, never a half-written one.
+Every file and folder is written through :mod:`fedtune.files` (temporary name, then rename), so a crash
+leaves the previous complete version, never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_dir(path: Path, fill: Callable[[Path], None]) -> None:
-    """Create folder ``path`` by letting ``fill`` write into a temporary sibling, then swapping it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        fill(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from fedtune.files import atomic_write_text
 
 
 def fresh_run_dir(requested: Path) -> Path:

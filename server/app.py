@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import CampaignConfig, load_config
 from fedtune.rundir import RunDir, fresh_run_dir
 
-from .round_loop import CampaignServer, Reporter
+from .campaign import CampaignServer, Reporter
 
 
 def make_server_app(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None) -> ServerApp:

@@ -17,36 +17,28 @@ the run dir, so starting it again with the same run dir resumes the campaign::
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from fedtune.clients.join import COMPONENTS, guard_runner, write_shim
+from fedtune.console import campaign_round_line
+from fedtune.deploy.bundle import COMPONENTS, write_shim
+from fedtune.deploy.keys import ALLOW_HEADER, read_allow_list
+from fedtune.deploy.processes import ProcessError, preexec, stop_process, stop_requested, venv_path, wait_for_port
+from fedtune.deploy.tls import ensure_tls
+from fedtune.files import atomic_write_text
 from fedtune.rundir import RunDir
-from fedtune.tls import ensure_tls
 
 CONNECTION = "fedtune"
 """Name of the SuperLink connection in ``RUN_DIR/flwr/config.toml``."""
 
-ALLOW_HEADER = """\
-# Contributors allowed to join this campaign: one OpenSSH ECDSA P-384 public key per line, optionally
-# followed by a name. Add one with `fedtune approve KEYFILE --run-dir RUN_DIR --name NAME`; a running
-# coordinator registers new lines within seconds.
-"""
 FINISHED = ("finished",)
 APP_NAME = "fedtune-campaign"
 
@@ -70,79 +62,7 @@ def _is_loopback(host: str) -> bool:
 # ------------------------------------------------------------------------------------------ enrolment
 
 
-@dataclass(frozen=True)
-class AllowedKey:
-    """One approved contributor: its OpenSSH public key (``type base64``) and a display name."""
-
-    key: str
-    name: str
-
-
-def parse_public_key(text: str) -> str:
-    """The ``ecdsa-sha2-nistp384 BASE64`` part of an OpenSSH public key line, after checking the key."""
-    fields = text.strip().split()
-    if len(fields) < 2:
-        raise ValueError("not an OpenSSH public key line")
-    line = f"{fields[0]} {fields[1]}"
-    try:
-        key = serialization.load_ssh_public_key(line.encode("ascii"))
-    except (ValueError, UnicodeEncodeError) as exc:
-        raise ValueError(f"not an OpenSSH public key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
-        raise ValueError("SuperNode authentication needs an ECDSA P-384 key (ecdsa-sha2-nistp384)")
-    return line
-
-
-def _clean_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]", "-", name.strip())[:64]
-
-
-def read_allow_list(path: Path) -> list[AllowedKey]:
-    """Approved keys; comment lines and blank lines are skipped, bad lines are reported and skipped."""
-    out: list[AllowedKey] = []
-    if not path.exists():
-        return out
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        try:
-            key = parse_public_key(raw)
-        except ValueError as exc:
-            print(f"warning: {path}:{n}: skipped ({exc})", file=sys.stderr)
-            continue
-        fields = raw.split()
-        out.append(AllowedKey(key, _clean_name(" ".join(fields[2:])) or f"contributor-{n}"))
-    return out
-
-
-def approve(key_file: Path, run_dir: Path, name: str | None = None) -> AllowedKey:
-    """Add a contributor's public key to ``RUN_DIR/contributors.allow`` (idempotent)."""
-    text = Path(key_file).read_text(encoding="ascii").strip()
-    key = parse_public_key(text)
-    label = _clean_name(name or " ".join(text.split()[2:])) or "contributor"
-    allow = Path(run_dir) / "contributors.allow"
-    allow.parent.mkdir(parents=True, exist_ok=True)
-    if not allow.exists():
-        allow.write_text(ALLOW_HEADER, encoding="utf-8")
-    existing = read_allow_list(allow)
-    for entry in existing:
-        if entry.key == key:
-            return entry
-    with allow.open("a", encoding="utf-8") as fh:
-        fh.write(f"{key} {label}\n")
-    return AllowedKey(key, label)
-
-
 # ------------------------------------------------------------------------------------------ the link
-
-
-def guarded_serverapp() -> None:
-    """Entry point of the coordinator's ``flwr-serverapp`` shim: run only the installed ServerApp."""
-    from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
-
-    # the package re-exports a function of the same name: take the module itself
-    guard_runner(importlib.import_module("flwr.superlink.runtime.run_serverapp"), "serverapp")
-    flwr_serverapp()
 
 
 def app_pyproject(name: str = APP_NAME) -> str:
@@ -171,18 +91,6 @@ def flwr_config(address: str, ca: Path | None) -> str:
     """``$FLWR_HOME/config.toml`` with the one connection the coordinator uses."""
     security = f'root-certificates = "{ca}"' if ca is not None else "insecure = true"
     return f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
-
-
-def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until ``host:port`` accepts TCP connections (or the process died / time ran out)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise CoordinatorError(f"the SuperLink exited with status {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
-            return
-        time.sleep(0.3)
-    raise CoordinatorError(f"nothing is listening on {host}:{port} after {timeout_s:.0f} s")
 
 
 @dataclass
@@ -218,8 +126,7 @@ class Coordinator:
         """Environment of the SuperLink and the flwr CLI: own FLWR_HOME, the serverapp guard first on PATH."""
         env = dict(os.environ)
         env["FLWR_HOME"] = str(self.flwr_home)
-        env["PATH"] = os.pathsep.join([str(self.run_dir / "bin"), str(Path(sys.executable).parent),
-                                       env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join([str(self.run_dir / "bin"), venv_path()])
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -232,7 +139,7 @@ class Coordinator:
 
     def prepare(self) -> Path:
         """Resolve the campaign into the run dir (or pick up the one there), TLS, bundle and CLI config."""
-        from fedtune.cli import validate_campaign
+        from fedtune.preflight import validate_campaign
 
         self.run_dir = self.run_dir.expanduser().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -255,13 +162,13 @@ class Coordinator:
             ca = tls.ca
             print(f"TLS CA certificate for contributors: {tls.ca}", file=self.out)
         if not self.allow_file.exists():
-            self.allow_file.write_text(ALLOW_HEADER, encoding="utf-8")
+            atomic_write_text(self.allow_file, ALLOW_HEADER)
         dial = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(flwr_config(dial, ca), encoding="utf-8")
+        atomic_write_text(self.flwr_home / "config.toml", flwr_config(dial, ca))
         app = self.run_dir / "app"
         app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(app_pyproject(), encoding="utf-8")
+        atomic_write_text(app / "pyproject.toml", app_pyproject())
         write_shim(self.run_dir / "bin", "serverapp")
         return resolved
 
@@ -280,7 +187,7 @@ class Coordinator:
     def start_superlink(self, timeout_s: float = 90.0) -> None:
         log = (self.run_dir / "superlink.log").open("ab")
         self.proc = subprocess.Popen(self.superlink_command(), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.run_dir)
+                                     cwd=self.run_dir, preexec_fn=preexec())
         log.close()
         host, port = split_address(self.address)
         wait_for_port("127.0.0.1" if not _is_loopback(host) else host, port, timeout_s, self.proc)
@@ -299,7 +206,7 @@ class Coordinator:
             if entry.key in self._registered:
                 continue
             pub = keys_dir / f"{entry.name}.pub"
-            pub.write_text(entry.key + "\n", encoding="ascii")
+            atomic_write_text(pub, entry.key + "\n")
             res = self.flwr("supernode", "register", str(pub), CONNECTION, "--name", entry.name)
             if res.returncode == 0 or "already in use" in (res.stdout + res.stderr):
                 self._registered.add(entry.key)
@@ -350,90 +257,69 @@ class Coordinator:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Stop the SuperLink with SIGTERM: its database stays consistent and a restart carries on."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def format_row(row: dict[str, Any]) -> str:
-    """One console line for a round of the campaign."""
-    if row.get("round") == 0:
-        return f"round 0: eval loss {row.get('eval_loss', float('nan')):.4f} (initial adapter)"
-    text = (f"round {row.get('round')}: eval loss {row.get('eval_loss', float('nan')):.4f}, "
-            f"{row.get('participants', 0)} contributors")
-    extra = [f"{row[k]} {k}" for k in ("declined", "failed") if row.get(k)]
-    if extra:
-        text += f" ({', '.join(extra)})"
-    if row.get("applied") is False:
-        text += ", no update applied"
-    return text
+        stop_process(self.proc, grace_s)
 
 
 def coordinate(config_path: Path, run_dir: Path, address: str = "127.0.0.1:9092", insecure: bool = False,
                bind: str | None = None, out: TextIO = sys.stdout, status_every_s: float = 10.0) -> int:
-    """Run a campaign to its end; 0 when every round is recorded, 1 when the run ended early."""
+    """Run a campaign to its end; 0 when every round is recorded, 1 when the run ended early, 130 on Ctrl-C."""
+    co = Coordinator(Path(config_path), Path(run_dir), address, bind, insecure, out)
+    with stop_requested() as stop:
+        try:
+            return _run(co, stop, status_every_s)
+        except (CoordinatorError, ProcessError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            co.stop()
+
+
+def _run(co: Coordinator, stop: threading.Event, status_every_s: float) -> int:
     from fedtune.config import load_config
 
-    co = Coordinator(Path(config_path), Path(run_dir), address, bind, insecure, out)
-    stop = threading.Event()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda _signum, _frame: stop.set())
-    try:
-        resolved = co.prepare()
-        rounds = load_config(resolved).federation.rounds
-        print(f"run dir: {co.run_dir}", file=out)
-        co.start_superlink()
-        host, port = split_address(address)
-        print(f"SuperLink listening on {address} ({'insecure' if insecure else 'TLS, SuperNode authentication'})",
-              file=out)
-        co.sync_allow_list(force=True)
-        if not insecure:
-            print(f"contributors join with: fedtune join --coordinator {address} --root-cert ca.pem "
-                  f"(copy {co.run_dir / 'tls' / 'ca.pem'})", file=out)
-        co.stop_stale_runs()
-        run_id = co.submit(resolved)
-        print(f"campaign submitted as Flower run {run_id}; waiting for contributors", file=out, flush=True)
-        printed: set[int] = set()
-        next_status = time.monotonic() + status_every_s
-        status: str | None = None
-        while not stop.is_set():
-            for row in co.layout.read_metrics():
-                if row["round"] not in printed:
-                    printed.add(row["round"])
-                    print(format_row(row), file=out, flush=True)
-            if rounds in printed:
-                break
-            co.sync_allow_list()
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + status_every_s
-                status = co.run_status()
-                if status is not None and status.startswith(FINISHED):
-                    break
-            stop.wait(1.0)
-        if stop.is_set():
-            print("stopping the SuperLink (restart with the same --run-dir to resume)", file=out)
-            return 130
-        deadline = time.monotonic() + 60
-        while status is None or not status.startswith(FINISHED):  # let the ServerApp finish writing
-            if time.monotonic() > deadline:
-                break
-            time.sleep(2)
+    out, address = co.out, co.address
+    resolved = co.prepare()
+    rounds = load_config(resolved).federation.rounds
+    print(f"run dir: {co.run_dir}", file=out)
+    co.start_superlink()
+    print(f"SuperLink listening on {address} ({'insecure' if co.insecure else 'TLS, SuperNode authentication'})",
+          file=out)
+    co.sync_allow_list(force=True)
+    if not co.insecure:
+        print(f"contributors join with: fedtune join --coordinator {address} --root-cert ca.pem "
+              f"(copy {co.run_dir / 'tls' / 'ca.pem'})", file=out)
+    co.stop_stale_runs()
+    run_id = co.submit(resolved)
+    print(f"campaign submitted as Flower run {run_id}; waiting for contributors", file=out, flush=True)
+    printed: set[int] = set()
+    next_status = time.monotonic() + status_every_s
+    status: str | None = None
+    while not stop.is_set():
+        for row in co.layout.read_metrics():
+            if row["round"] not in printed:
+                printed.add(row["round"])
+                print(campaign_round_line(row), file=out, flush=True)
+        if rounds in printed:
+            break
+        co.sync_allow_list()
+        if time.monotonic() >= next_status:
+            next_status = time.monotonic() + status_every_s
             status = co.run_status()
-        if rounds not in printed:
-            print(f"error: run {run_id} ended ({status}) after round {max(printed, default=0)} of {rounds}; "
-                  f"see {co.run_dir / 'superlink.log'}", file=sys.stderr)
-            return 1
-        print(f"campaign complete: adapter in {co.run_dir / 'adapter'}", file=out)
-        return 0
-    except CoordinatorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            if status is not None and status.startswith(FINISHED):
+                break
+        stop.wait(1.0)
+    if stop.is_set():
+        print("stopping the SuperLink (restart with the same --run-dir to resume)", file=out)
+        return 130
+    deadline = time.monotonic() + 60
+    while status is None or not status.startswith(FINISHED):  # let the ServerApp finish writing
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
+        status = co.run_status()
+    if rounds not in printed:
+        print(f"error: run {run_id} ended ({status}) after round {max(printed, default=0)} of {rounds}; "
+              f"see {co.run_dir / 'superlink.log'}", file=sys.stderr)
         return 1
-    finally:
-        co.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    print(f"campaign complete: adapter in {co.run_dir / 'adapter'}", file=out)
+    return 0

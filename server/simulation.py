@@ -9,7 +9,7 @@ from fedtune.config import CampaignConfig
 from fedtune.rundir import RunDir
 
 from .app import make_server_app
-from .round_loop import Reporter
+from .campaign import Reporter
 
 
 def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None,

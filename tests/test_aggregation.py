@@ -9,13 +9,13 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.clients.trainer import train_local
 from fedtune.config import CampaignConfig
-from fedtune.data import load_raw, partition, split_eval, tokenize
-from fedtune.modeling import build_model, load_trainable, trainable_arrays
-from fedtune.records import arrays_from_record, arrays_to_record
-from fedtune.strategies.factory import build_strategy
-from fedtune.strategies.lora_aggregation import effective_updates, relative_error, weighted_mean
+from fedtune.ml.data import load_raw, partition, split_eval, tokenize
+from fedtune.ml.model import build_model, load_trainable, trainable_arrays
+from fedtune.strategies.server_optimizer import build_strategy
+from fedtune.wire import arrays_from_record, arrays_to_record
 
 from .conftest import small_campaign
+from .lora_reference import effective_updates, relative_error, weighted_mean
 
 N_CLIENTS = 4
 

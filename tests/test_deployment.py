@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import tomli_w
 
-from fedtune.clients.join import COMPONENTS, BundleRefused, ensure_keys, verify_fab
-from fedtune.server.coordinator import approve, read_allow_list
-from fedtune.tls import ensure_tls
+from fedtune.deploy.bundle import COMPONENTS, BundleRefused, verify_fab
+from fedtune.deploy.keys import approve, ensure_keys, read_allow_list
+from fedtune.deploy.tls import ensure_tls
 
 from .conftest import small_campaign
 
@@ -129,7 +129,7 @@ class Federation:
 
     def spawn(self, args: list[str], log: Path, flwr_home: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "fedtune.deploy_cli", *args], stdout=fh,
+            proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=fh,
                                     stderr=subprocess.STDOUT, env=_env(flwr_home), cwd=self.root,
                                     start_new_session=True)
         self.procs.append(proc)
@@ -233,7 +233,7 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
 def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) -> None:
     """DP-SGD and SecAgg+ across three contributor processes; the coordinator is SIGKILLed after round 2 and
     started again on the same run dir: round 3 completes and no round is credited twice."""
-    from fedtune.ledger import Ledger, default_url
+    from fedtune.credit.ledger import Ledger, default_url
 
     campaign = tmp_path / "campaign.toml"
     campaign.write_text(tomli_w.dumps(small_campaign(
@@ -385,7 +385,7 @@ def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
         state = tmp_path / "contributor"
         with (tmp_path / "join.log").open("ab") as fh:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedtune.deploy_cli", "join", "--coordinator", f"127.0.0.1:{port}",
+                [sys.executable, "-m", "fedtune.cli", "join", "--coordinator", f"127.0.0.1:{port}",
                  "--insecure", "--state-dir", str(state), "--port", str(free_port()), "--benchmark-seconds", "0.1"],
                 stdout=fh, stderr=subprocess.STDOUT, env=_env(tmp_path / "flwr-join"), cwd=tmp_path,
                 start_new_session=True))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import CampaignConfig
-from fedtune.modeling import FingerprintMismatch, base_fingerprint, check_fingerprint
-from fedtune.tinymodel import builtin_path
+from fedtune.ml.model import FingerprintMismatch, base_fingerprint, check_fingerprint
+from fedtune.ml.tiny import builtin_path
 
 from .conftest import small_campaign
 

@@ -22,17 +22,17 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedtune import credits_cli
-from fedtune import ledger as ledger_module
-from fedtune.credit import (
+from fedtune.cli import credits as credits_cli
+from fedtune.credit import ledger as ledger_module
+from fedtune.credit.formula import (
     FLOPS_PER_CREDIT,
     is_impossible_claim,
     rac_decay,
     round_credit,
     train_flops_per_token,
 )
+from fedtune.credit.ledger import Base, Contributor, LeaderboardRow, Ledger, RoundEntry
 from fedtune.identity import contributor_id, public_key_bytes, simulated_contributor_id, simulated_identity
-from fedtune.ledger import Base, Contributor, LeaderboardRow, Ledger, RoundEntry, top_contributors
 
 PG_ENV = "FEDTUNE_TEST_POSTGRES_URL"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -164,14 +164,14 @@ def test_not_included_get_nothing_and_reason_is_kept(ledger: Ledger) -> None:
         _included(ALICE.id),
         RoundEntry(BOB.id, "declined", reason="epsilon budget exhausted"),
         RoundEntry(CAROL.id, "dropped", 64, 32_768, reason="lost connection before unmasking"),
-        RoundEntry(DAVE.id, "late", 64, 32_768),
+        RoundEntry(DAVE.id, "failed", 64, 32_768),
     ]
     ledger.record_round("c", 0, entries, flops_per_token=FPT)
     stored = {row.contributor_id: row for row in ledger.round_entries("c", 0)}
     assert [stored[p.id].credit for p in (BOB, CAROL, DAVE)] == [0.0, 0.0, 0.0]
     assert stored[BOB.id].reason == "epsilon budget exhausted"
     assert stored[CAROL.id].reason == "lost connection before unmasking"
-    assert stored[DAVE.id].reason == "late"
+    assert stored[DAVE.id].reason == "failed"
     board = {row.name: row for row in ledger.leaderboard()}
     assert board["carol"].rounds == 0 and board["carol"].missed_rounds == 1
     assert board["alice"].rank == 1 and board["alice"].rounds == 1
@@ -250,7 +250,7 @@ def test_team_totals_and_campaign_filter(ledger: Ledger) -> None:
     assert teams["lab"].total_credit == pytest.approx(3 * unit)
     assert teams["home"].total_credit == pytest.approx(round_credit(1000, FPT))
     assert ledger.team_totals()[0].team == "home"  # the other campaign puts carol's team ahead overall
-    assert [row.name for row in top_contributors(ledger, 2, campaign="c")] == ["alice", "bob"]
+    assert [row.name for row in ledger.leaderboard("c", limit=2)] == ["alice", "bob"]
     assert {row.name for row in ledger.leaderboard("other")} == {"carol"}
 
 

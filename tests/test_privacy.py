@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedtune.losses import per_sequence_loss
+from fedtune.ml.losses import per_sequence_loss
+from fedtune.ml.tiny import TINY_LLAMA, builtin_path
 from fedtune.privacy import (
     STATE_FILE,
     SUMMARY_FILE,
@@ -29,7 +30,6 @@ from fedtune.privacy import (
     sample_rate_for,
     train_step,
 )
-from fedtune.tinymodel import TINY_LLAMA, builtin_path
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",

@@ -13,8 +13,8 @@ import pytest
 import tomli_w
 
 from fedtune.config import CampaignConfig
-from fedtune.data import load_shard
-from fedtune.modeling import load_base
+from fedtune.ml.data import load_shard
+from fedtune.ml.model import load_base
 from fedtune.privacy import ContributorPrivacy, PrivacyParams
 from fedtune.rundir import RunDir
 
@@ -64,7 +64,7 @@ def test_personal_budget_is_never_exceeded_across_restarts(tmp_path: Path) -> No
     assert others == sorted(others) and others[-1] > others[0] and others[-1] <= 8.0
     state = run / "contributors"
     assert len(list(state.glob("*/privacy.json"))) == 3
-    from fedtune.ledger import Ledger, default_url
+    from fedtune.credit.ledger import Ledger, default_url
 
     with Ledger.open(default_url(run)) as ledger:
         entries = {e.contributor_id: e for e in ledger.round_entries("test", 3)}

@@ -21,8 +21,8 @@ from flwr.app import Context, Message, RecordDict
 
 from fedtune.clients.secagg_client import FAIL_ENV, handle_stage, identity_key
 from fedtune.config import CampaignConfig, ConfigError
+from fedtune.credit.ledger import Ledger, default_url
 from fedtune.identity import simulated_contributor_id
-from fedtune.ledger import Ledger, default_url
 from fedtune.rundir import RunDir
 from fedtune.secagg import QuantConfig, SecAggClient, SecAggParams, SecAggServer, generate_identity, run_round
 from fedtune.secagg.crypto import identity_public_bytes
@@ -36,7 +36,7 @@ from fedtune.secagg.flower import (
     to_content,
     unflatten,
 )
-from fedtune.strategies.secagg_workflow import REGISTRY_FILE, IdentityRegistry
+from fedtune.strategies.secure import REGISTRY_FILE, IdentityRegistry
 
 from .conftest import small_campaign
 
@@ -85,7 +85,7 @@ def ledger_round(run: Path, server_round: int) -> dict[str, object]:
 
 def n_trainable(run: Path) -> int:
     from fedtune.config import load_config
-    from fedtune.modeling import build_model
+    from fedtune.ml.model import build_model
 
     model, _ = build_model(load_config(run / "config.toml"))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

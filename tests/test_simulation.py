@@ -53,9 +53,9 @@ def test_adapter_reloads_with_plain_peft(finished_run: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedtune.data import load_eval
-    from fedtune.evaluation import evaluate_loss
-    from fedtune.tinymodel import builtin_path
+    from fedtune.ml.data import load_eval
+    from fedtune.ml.evaluation import evaluate_loss
+    from fedtune.ml.tiny import builtin_path
 
     cfg = load_config(finished_run / "config.toml")
     base_dir = builtin_path(cfg.model.name)
@@ -76,9 +76,9 @@ def test_existing_run_dir_is_not_overwritten(finished_run: Path) -> None:
 
 
 def test_ledger_credits_assigned_work(finished_run: Path) -> None:
-    from fedtune.credit import round_credit, train_flops_per_token
-    from fedtune.ledger import Ledger, default_url
-    from fedtune.modeling import build_model, count_parameters
+    from fedtune.credit.formula import round_credit, train_flops_per_token
+    from fedtune.credit.ledger import Ledger, default_url
+    from fedtune.ml.model import build_model, count_parameters
 
     cfg = load_config(finished_run / "config.toml")
     model, _ = build_model(cfg)
@@ -108,7 +108,7 @@ def test_credits_command_prints_leaderboard(finished_run: Path) -> None:
 def test_resume_runs_only_the_missing_rounds(finished_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from fedtune.ledger import Ledger, default_url
+    from fedtune.credit.ledger import Ledger, default_url
 
     run = tmp_path / "resumed"
     shutil.copytree(finished_run, run)
@@ -129,7 +129,7 @@ def test_server_optimizer_state_roundtrip() -> None:
     import numpy as np
 
     from fedtune.config import CampaignConfig
-    from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
+    from fedtune.strategies.server_optimizer import build_strategy, restore_strategy_state, strategy_state
 
     from .conftest import small_campaign
 

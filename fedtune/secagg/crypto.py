@@ -41,7 +41,6 @@ __all__ = [
     "mask_stream",
     "sign",
     "verify",
-    "x25519_public_from_private",
 ]
 
 KEY_BYTES = 32
@@ -81,11 +80,6 @@ class X25519KeyPair:
     def from_private_bytes(cls, raw: bytes) -> X25519KeyPair:
         """Rebuild a key pair from a reconstructed raw private key."""
         return cls(X25519PrivateKey.from_private_bytes(raw))
-
-
-def x25519_public_from_private(raw_private: bytes) -> bytes:
-    """Public key of a raw X25519 private key; lets the server check a reconstructed key."""
-    return X25519KeyPair.from_private_bytes(raw_private).public_bytes
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:

@@ -1,6 +1,6 @@
 """SecAgg+ on Flower's Message API: the wire format and campaign settings both sides share.
 
-The coordinator's workflow (``fedtune.strategies.secagg_workflow``) and the contributor's stage handlers
+The coordinator's workflow (``fedtune.strategies.secure``) and the contributor's stage handlers
 (``fedtune.clients.secagg_client``) both import from here, so a contributor never loads coordinator code.
 """
 

@@ -9,9 +9,9 @@ input is in the applied aggregate; its reported wall time is stored and checked,
 from __future__ import annotations
 
 from fedtune.config import CampaignConfig
-from fedtune.credit import train_flops_per_token
-from fedtune.ledger import Contributor, Ledger, RoundEntry
-from fedtune.records import Outcome, contributor_of
+from fedtune.credit.formula import train_flops_per_token
+from fedtune.credit.ledger import Contributor, Ledger, RoundEntry
+from fedtune.wire import Outcome, contributor_of
 
 
 class CreditKeeper:

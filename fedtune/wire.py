@@ -8,7 +8,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedtune.config import CampaignConfig
-from fedtune.ledger import Contributor
+from fedtune.credit.ledger import Contributor
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -57,8 +57,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import CampaignConfig
-from fedtune.records import Outcome, arrays_from_record, arrays_to_record, contributor_of, record_nbytes
-from fedtune.rundir import atomic_write_text
+from fedtune.files import atomic_write_text
 from fedtune.secagg import (
     STAGES,
     SecAggAbort,
@@ -83,6 +82,7 @@ from fedtune.secagg.flower import (
     to_content,
     unflatten,
 )
+from fedtune.wire import Outcome, arrays_from_record, arrays_to_record, contributor_of, record_nbytes
 
 log = logging.getLogger("fedtune.secagg")
 

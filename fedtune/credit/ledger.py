@@ -7,9 +7,9 @@ SQLite and PostgreSQL (check-then-insert in the same transaction elsewhere), one
 
 Storage is SQLAlchemy 2.x: by default an embedded SQLite file ``RUN_DIR/ledger.sqlite``, or any SQLAlchemy
 URL (``postgresql+psycopg://user:pw@host/db``). The schema is managed by Alembic; the migrations ship inside
-the package (``fedtune/ledger_migrations``) and :meth:`Ledger.open` upgrades the database to head.
+the package (``fedtune/credit/migrations``) and :meth:`Ledger.open` upgrades the database to head.
 
-Credit is computed here, from what the server assigned (see :mod:`fedtune.credit` for the formula and unit),
+Credit is computed here, from what the server assigned (see :mod:`fedtune.credit.formula` for the formula and unit),
 never from what a contributor reports. Reported wall time is stored and checked against the contributor's
 declared peak FLOP/s; impossible claims are flagged, not rewarded and not dropped. Totals and recent
 average credit (7-day half-life) are computed at query time from an injectable clock.
@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from fedtune.credit import (
+from fedtune.credit.formula import (
     DEFAULT_CLAIM_MARGIN,
     RAC_HALF_LIFE,
     assigned_flops,
@@ -42,9 +42,9 @@ from fedtune.credit import (
 )
 
 LEDGER_FILENAME = "ledger.sqlite"
-MIGRATIONS_DIR = Path(__file__).resolve().with_name("ledger_migrations")
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 
-Status = Literal["included", "declined", "dropped", "late", "failed"]
+Status = Literal["included", "declined", "dropped", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
 RAC_HORIZON = 40 * RAC_HALF_LIFE
@@ -398,7 +398,7 @@ class Ledger:
             Grant time (aware); defaults to the ledger's clock.
         flops_per_token : float
             Nominal training FLOPs per token of the campaign's model
-            (:func:`fedtune.credit.train_flops_per_token`).
+            (:func:`fedtune.credit.formula.train_flops_per_token`).
 
         Returns
         -------
@@ -534,13 +534,6 @@ class Ledger:
         return tallies
 
 
-def top_contributors(
-    ledger: Ledger, n: int, campaign: str | None = None, now: datetime | None = None
-) -> list[LeaderboardRow]:
-    """The ``n`` highest-credited contributors (for the end-of-simulation summary)."""
-    return ledger.leaderboard(campaign, now, limit=n)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -622,7 +615,6 @@ __all__ = [
     "default_url",
     "redact",
     "resolve_url",
-    "top_contributors",
     "upgrade_to_head",
     "utc_now",
 ]

@@ -21,7 +21,7 @@ plain LoRA. A contributor whose update was included in round *r* earns
 
 in **TFLOP-credits**: one credit is 10^12 nominal training FLOPs. ``assigned_tokens`` counts the tokens of
 the local steps the server asked for (sequences × their lengths), not what the contributor reports.
-Declined, dropped, late and failed contributors earn 0 for that round. The count is nominal: it leaves out
+Declined, dropped and failed contributors earn 0 for that round. The count is nominal: it leaves out
 attention-score FLOPs and the per-sample-gradient overhead of DP-SGD, and ``N_base`` is the base model's
 parameter count as the server loads it. It is the same ruler for every contributor of a campaign, which is
 what fairness needs.
@@ -41,7 +41,6 @@ hardware and is flagged. Flagging changes no credit (credit never depends on the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 FLOPS_PER_CREDIT = 1e12
@@ -108,13 +107,6 @@ def rac_weight(granted: datetime, now: datetime, half_life: timedelta = RAC_HALF
     into a rate, so steady daily credit ``c`` gives RAC ≈ ``c`` (the continuous form of BOINC's update rule).
     """
     return math.log(2.0) / (half_life / timedelta(days=1)) * rac_decay(now - granted, half_life)
-
-
-def recent_average_credit(
-    grants: Iterable[tuple[datetime, float]], now: datetime, half_life: timedelta = RAC_HALF_LIFE
-) -> float:
-    """RAC in credits per day of ``(grant time, credit)`` pairs: ``Σ credit · rac_weight(time, now)``."""
-    return sum(credit * rac_weight(granted, now, half_life) for granted, credit in grants)
 
 
 def is_impossible_claim(

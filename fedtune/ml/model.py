@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedtune.config import WEIGHT_FILES, CampaignConfig, LoraSection, ModelSection
-from fedtune.tinymodel import builtin_path, is_builtin
+from fedtune.ml.tiny import builtin_path, is_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2026-11-25
 
 One row per (campaign, round, contributor) -- the unique constraint is what makes replaying a round after a
-coordinator crash a no-op. Times are naive UTC (``fedtune.ledger.UTCDateTime`` adds the zone on read).
+coordinator crash a no-op. Times are naive UTC (``fedtune.credit.ledger.UTCDateTime`` adds the zone on read).
 Written out in full rather than importing the models, so later model changes cannot alter this revision.
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedtune.files import atomic_write_bytes
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -38,23 +39,6 @@ class TlsFiles:
 def tls_paths(tls_dir: Path) -> TlsFiles:
     """Where :func:`ensure_tls` keeps its files inside ``tls_dir``."""
     return TlsFiles(tls_dir / "ca.pem", tls_dir / "ca.key", tls_dir / "server.pem", tls_dir / "server.key")
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -99,8 +83,8 @@ def _make_ca(files: TlsFiles, name: str) -> tuple[x509.Certificate, ec.EllipticC
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA384()))
-    _write_private(files.ca_key, _key_pem(key))
-    _write_public(files.ca, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(files.ca_key, _key_pem(key), mode=0o600)
+    atomic_write_bytes(files.ca, cert.public_bytes(serialization.Encoding.PEM))
     return cert, key
 
 
@@ -117,8 +101,8 @@ def _make_server(files: TlsFiles, ca: x509.Certificate, ca_key: ec.EllipticCurve
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    _write_private(files.key, _key_pem(key))
-    _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(files.key, _key_pem(key), mode=0o600)
+    atomic_write_bytes(files.cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def ensure_tls(tls_dir: Path, hosts: list[str] | tuple[str, ...], name: str = "fedtune coordinator") -> TlsFiles:

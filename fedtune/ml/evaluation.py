@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from fedtune.data import TokenizedSet
-from fedtune.losses import per_sequence_loss, token_counts
+from fedtune.ml.data import TokenizedSet
+from fedtune.ml.losses import per_sequence_loss, token_counts
 
 
 @torch.no_grad()

@@ -1,8 +1,4 @@
-"""The ``fedtune`` command line.
-
-Bad input (campaign file, data) gets one line on stderr starting with ``error:`` and exit code 2,
-before anything is written.
-"""
+"""The ``simulate`` command: a whole campaign on this machine, with a progress bar and a summary table."""
 
 from __future__ import annotations
 
@@ -11,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import CampaignConfig, ConfigError, load_config
-
-EXIT_BAD_INPUT = 2
+from fedtune.config import CampaignConfig, load_config
+from fedtune.console import campaign_round_line
+from fedtune.preflight import validate_campaign
 
 
 class _ProgressReporter:
@@ -34,10 +30,9 @@ class _ProgressReporter:
                                            status=f"eval loss {row0['eval_loss']:.4f}")
 
     def on_round(self, row: dict[str, Any]) -> None:
-        status = (f"round {row['round']}: eval loss {row['eval_loss']:.4f}, "
-                  f"{row['participants']} contributors")
-        self.progress.update(self.task, advance=1, status=status)
-        self.progress.console.print(f"  {status}" + ("" if row.get("applied", True) else " (no update applied)"))
+        line = campaign_round_line(row)
+        self.progress.update(self.task, advance=1, status=line)
+        self.progress.console.print(f"  {line}")
 
     def close(self) -> None:
         self.progress.stop()
@@ -65,21 +60,15 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
                       f"adapter: {run_dir / 'adapter'}")
 
 
-def _top_contributors(console, run_dir: Path, n: int = 5) -> None:
-    from rich.table import Table
-
-    from fedtune.ledger import Ledger, default_url, top_contributors
+def _top_contributors(console: Any, run_dir: Path, n: int = 5) -> None:
+    from fedtune.credit.leaderboard import render_leaderboard
+    from fedtune.credit.ledger import Ledger, default_url, utc_now
 
     cfg = load_config(run_dir / "config.toml")
+    as_of = utc_now()
     with Ledger.open(cfg.credit.db or default_url(run_dir)) as ledger:
-        rows = top_contributors(ledger, n, campaign=cfg.campaign.name)
-    table = Table(title="top contributors (TFLOP-credits; full list: fedtune credits --run-dir RUN)")
-    for col in ("rank", "name", "team", "rounds", "credit", "flags"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(str(r.rank), r.name, r.team or "-", str(r.rounds), f"{r.total_credit:.4g}",
-                      str(r.flagged_rounds or ""))
-    console.print(table)
+        rows = ledger.leaderboard(cfg.campaign.name, as_of, limit=n)
+    render_leaderboard(console, rows, [], as_of, title=f"top {n} contributors (all: fedtune credits --run-dir RUN)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -89,18 +78,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.contributors is not None:
         out.setdefault("simulation", {})["contributors"] = args.contributors
     return out
-
-
-def validate_campaign(path: str, overrides: dict[str, dict[str, Any]] | None = None) -> CampaignConfig:
-    """Everything that can be checked before work starts: the file, the model files, the data fields."""
-    from fedtune.data import DataError, load_raw, split_eval
-
-    cfg = load_config(path, overrides)
-    try:
-        split_eval(cfg, load_raw(cfg.data))
-    except DataError as exc:
-        raise ConfigError(path, "[data] source", str(exc).split(": ", 1)[-1]) from None
-    return cfg
 
 
 def quiet_libraries() -> None:
@@ -141,9 +118,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning on community GPUs")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``simulate`` on ``fedtune``'s sub-commands."""
     sim = sub.add_parser("simulate", help="run a whole campaign on this machine (Flower simulation engine)")
     sim.add_argument("config", help="campaign TOML file, e.g. experiments/quickstart.toml")
     sim.add_argument("--run-dir", help="where to write the run (default: [campaign] run_dir)")
@@ -153,23 +129,3 @@ def build_parser() -> argparse.ArgumentParser:
                      help="carry on an interrupted run in --run-dir from its last completed round")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
-    from fedtune.credits_cli import add_credits_parser
-
-    add_credits_parser(sub)
-    from fedtune.deploy_cli import add_deploy_parsers
-
-    add_deploy_parsers(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Alembic environment of the credit ledger, driven from code (``fedtune.ledger.upgrade_to_head``).
+"""Alembic environment of the credit ledger, driven from code (``fedtune.credit.ledger.upgrade_to_head``).
 
 The ledger hands over its own open connection in ``config.attributes["connection"]``, so migrations run
 on exactly the database (and SQLite file, and PostgreSQL search_path) the ledger uses, inside its
@@ -15,7 +15,7 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
 
-from fedtune.ledger import Base, UTCDateTime
+from fedtune.credit.ledger import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata

@@ -21,11 +21,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import CampaignConfig
-from fedtune.data import load_eval
-from fedtune.evaluation import evaluate_loss
-from fedtune.ledger import Ledger, resolve_url
-from fedtune.modeling import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
-from fedtune.records import (
+from fedtune.console import campaign_round_line
+from fedtune.credit.ledger import Ledger, resolve_url
+from fedtune.credit.recorder import CreditKeeper
+from fedtune.files import atomic_write_dir
+from fedtune.ml.data import load_eval
+from fedtune.ml.evaluation import evaluate_loss
+from fedtune.ml.model import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
+from fedtune.rundir import RunDir
+from fedtune.strategies.secure import SecAggWorkflow
+from fedtune.strategies.server_optimizer import build_strategy, restore_strategy_state, strategy_state
+from fedtune.wire import (
     Outcome,
     arrays_from_record,
     arrays_to_record,
@@ -33,11 +39,6 @@ from fedtune.records import (
     contributor_of,
     record_nbytes,
 )
-from fedtune.rundir import RunDir, atomic_write_dir
-from fedtune.strategies.factory import build_strategy, restore_strategy_state, strategy_state
-from fedtune.strategies.secagg_workflow import SecAggWorkflow
-
-from .crediting import CreditKeeper
 
 log = logging.getLogger("fedtune.server")
 SERVER_STATE = "server_state.npz"
@@ -52,11 +53,13 @@ class Reporter(Protocol):
 
 
 class LogReporter:
+    """Progress to the ``fedtune.server`` log (the ServerApp under ``coordinate`` or ``flwr run``)."""
+
     def on_start(self, cfg: CampaignConfig, row0: dict[str, Any]) -> None:
-        log.info("campaign %s: initial eval loss %.4f", cfg.campaign.name, row0["eval_loss"])
+        log.info("campaign %s: %s", cfg.campaign.name, campaign_round_line(row0))
 
     def on_round(self, row: dict[str, Any]) -> None:
-        log.info("round %d: eval loss %.4f, %d participants", row["round"], row["eval_loss"], row["participants"])
+        log.info("%s", campaign_round_line(row))
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """CLI commands of the deployment path: ``coordinate``, ``join``, ``approve`` and ``doctor``.
 
-:func:`add_deploy_parsers` registers them on ``fedtune``'s sub-command parser; ``python -m
-fedtune.deploy_cli`` runs them on their own.
+:func:`add_deploy_parsers` registers them on ``fedtune``'s sub-command parser.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from fedtune.server.coordinator import approve
+    from fedtune.deploy.keys import approve
 
     try:
         entry = approve(Path(args.keyfile), Path(args.run_dir), args.name)
@@ -45,7 +44,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from fedtune.doctor import run_doctor
+    from fedtune.deploy.doctor import run_doctor
 
     return run_doctor(coordinator=args.coordinator, gpu=args.gpu)
 
@@ -92,13 +91,3 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     do.add_argument("--gpu", type=int, help="CUDA device index that join would use")
     do.set_defaults(func=cmd_doctor)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fedtune.deploy_cli`` is the ``fedtune`` command (which includes these subcommands)."""
-    from fedtune.cli import main as fedtune_main
-
-    return fedtune_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,37 @@
+"""What people read while a campaign runs: one line per round, formatted in one place.
+
+``simulate``'s progress bar, ``coordinate``'s console and the server log print the campaign's rounds with
+:func:`campaign_round_line`; ``join`` prints the contributor's own rounds with :func:`contributor_round_line`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def campaign_round_line(row: dict[str, Any]) -> str:
+    """One line for a round of ``metrics.jsonl`` (round 0 is the initial adapter)."""
+    loss = float(row.get("eval_loss", float("nan")))
+    if row.get("round") == 0:
+        return f"round 0: eval loss {loss:.4f} (initial adapter)"
+    text = f"round {row.get('round')}: eval loss {loss:.4f}, {row.get('participants', 0)} contributors"
+    extra = [f"{row[k]} {k}" for k in ("declined", "failed") if row.get(k)]
+    if extra:
+        text += f" ({', '.join(extra)})"
+    if row.get("applied") is False:
+        text += ", no update applied"
+    return text
+
+
+def contributor_round_line(row: dict[str, Any]) -> str:
+    """One line for a round of a contributor's own ``rounds.jsonl``."""
+    if row.get("declined"):
+        return f"round {row.get('round')}: declined ({row.get('reason', 'no reason given')})"
+    parts = [f"round {row.get('round')}: trained {row.get('examples', 0)} examples, {row.get('tokens', 0)} tokens"]
+    if row.get("train_loss") is not None:
+        parts.append(f"loss {float(row['train_loss']):.4f}")
+    if row.get("epsilon") is not None:
+        parts.append(f"ε {float(row['epsilon']):.2f}")
+    if row.get("wall_s") is not None:
+        parts.append(f"{float(row['wall_s']):.1f} s")
+    return ", ".join(parts)
