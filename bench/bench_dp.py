@@ -242,9 +242,7 @@ def bench(setup: Setup, steps: int, repeats: int, warmup: int) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", action="append", help=f"model path or {TINY_LLAMA} (repeatable)")
     parser.add_argument("--no-big", action="store_true", help=f"skip the locally built {BIG}")

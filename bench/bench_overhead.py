@@ -38,11 +38,14 @@ def campaign(steps: int, rounds: int, run_dir: str):
     from fedtune.config import load_config
 
     cpus = 1.0
-    return load_config(REPO / "experiments" / "quickstart.toml", {
-        "federation": {"rounds": rounds, "contributors_per_round": 1, "min_cohort": 1, "local_steps": steps},
-        "simulation": {"contributors": 1, "cpus_per_contributor": cpus},
-        "campaign": {"run_dir": run_dir},
-    })
+    return load_config(
+        REPO / "experiments" / "quickstart.toml",
+        {
+            "federation": {"rounds": rounds, "contributors_per_round": 1, "min_cohort": 1, "local_steps": steps},
+            "simulation": {"contributors": 1, "cpus_per_contributor": cpus},
+            "campaign": {"run_dir": run_dir},
+        },
+    )
 
 
 def standalone_seconds(cfg, server_round: int) -> float:
@@ -103,10 +106,15 @@ def main() -> None:
     full = statistics.median(r["wall_s"] for r in warm)
     alone = statistics.median(standalone)
     result = {
-        "steps": args.steps, "batch_size": cfg.federation.batch_size, "threads": 1,
-        "round_trip_s": trip, "round_wall_s": full, "standalone_s": alone,
+        "steps": args.steps,
+        "batch_size": cfg.federation.batch_size,
+        "threads": 1,
+        "round_trip_s": trip,
+        "round_wall_s": full,
+        "standalone_s": alone,
         "cold_first_round_s": collect.rows[0]["round_trip_s"],
-        "ratio_round_trip": trip / alone, "ratio_full_round": full / alone,
+        "ratio_round_trip": trip / alone,
+        "ratio_full_round": full / alone,
     }
     print("| measure | seconds | ÷ standalone |\n|---|---|---|")
     print(f"| standalone PEFT loop, {args.steps} steps | {alone:.2f} | 1.00 |")

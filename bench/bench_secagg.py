@@ -200,8 +200,7 @@ def bench_flower(case: Case, seed: int, samples: int) -> dict[str, Any]:
         random.Random(seed + 1).shuffle(order)  # independent of the dropout draw
         half = num_shares >> 1
         neighbours = {
-            nid: {order[(i + off) % case.cohort] for off in range(-half, half + 1)}
-            for i, nid in enumerate(order)
+            nid: {order[(i + off) % case.cohort] for off in range(-half, half + 1)} for i, nid in enumerate(order)
         }
         fwd: dict[int, tuple[list[int], list[bytes]]] = {cid: ([], []) for cid in ids}
         for cid in ids:  # stage 1 (workflow.share_keys_stage + mod._share_keys)

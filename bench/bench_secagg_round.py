@@ -30,14 +30,21 @@ def run_campaign(protocol: str, rounds: int, tmp: Path) -> tuple[list[dict[str, 
 
     run = tmp / protocol.replace("+", "plus")
     tmp.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(REPO / "experiments" / "quickstart.toml", {
-        "federation": {"rounds": rounds}, "secure_aggregation": {"protocol": protocol},
-        "campaign": {"run_dir": str(run)},
-    })
+    cfg = load_config(
+        REPO / "experiments" / "quickstart.toml",
+        {
+            "federation": {"rounds": rounds},
+            "secure_aggregation": {"protocol": protocol},
+            "campaign": {"run_dir": str(run)},
+        },
+    )
     config = tmp / f"{run.name}.toml"
     config.write_text(cfg.to_toml())
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"{protocol} run failed:\n{proc.stderr[-3000:]}")
     model, _ = build_model(cfg)
@@ -63,8 +70,12 @@ def summarize(rows: list[dict[str, Any]], n_params: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run pairs of campaigns, alternating which protocol goes first (noisy machines)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run pairs of campaigns, alternating which protocol goes first (noisy machines)",
+    )
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
     rows: dict[str, list[dict[str, Any]]] = {p: [] for p in PROTOCOLS}
@@ -79,17 +90,34 @@ def main() -> None:
             pair_ratios.append(pair["secagg+"] / pair["none"])
     results = {p: summarize(r, n_params) for p, r in rows.items()}
     ratio = results["secagg+"]["round_wall_s"] / results["none"]["round_wall_s"]
-    print(f"quickstart campaign, {args.repeat} x {args.rounds} rounds per protocol, median over rounds "
-          f"2..{args.rounds}, {n_params} trained parameters\n")
+    print(
+        f"quickstart campaign, {args.repeat} x {args.rounds} rounds per protocol, median over rounds "
+        f"2..{args.rounds}, {n_params} trained parameters\n"
+    )
     print("| protocol | round wall s | round trip s | upload B/param | final eval loss |\n|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['round_wall_s']:.2f} | {r['round_trip_s']:.2f} | {r['upload_bytes_per_param']:.3f} "
-              f"| {r['eval_loss_final']:.4f} |")
-    print(f"\nround-time ratio secagg+ / none: **{ratio:.3f}** (target <= 1.10); per pair: "
-          + ", ".join(f"{r:.3f}" for r in pair_ratios))
+        print(
+            f"| {name} | {r['round_wall_s']:.2f} | {r['round_trip_s']:.2f} | {r['upload_bytes_per_param']:.3f} "
+            f"| {r['eval_loss_final']:.4f} |"
+        )
+    print(
+        f"\nround-time ratio secagg+ / none: **{ratio:.3f}** (target <= 1.10); per pair: "
+        + ", ".join(f"{r:.3f}" for r in pair_ratios)
+    )
     if args.out:
-        Path(args.out).write_text(json.dumps({"rounds": args.rounds, "repeat": args.repeat, "n_params": n_params,
-                                              "ratio": ratio, "pair_ratios": pair_ratios, **results}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "rounds": args.rounds,
+                    "repeat": args.repeat,
+                    "n_params": n_params,
+                    "ratio": ratio,
+                    "pair_ratios": pair_ratios,
+                    **results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

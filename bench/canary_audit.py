@@ -34,7 +34,7 @@ def sequence_losses(model, tokenizer, texts: list[str], batch_size: int = 256) -
     model.eval()
     out: list[float] = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True)
+        enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
         mean = per_sequence_loss(logits, enc.input_ids, enc.attention_mask)
         out += (mean * token_counts(enc.attention_mask)).tolist()
@@ -51,12 +51,19 @@ def run_campaign(config: Path, extra: Path, run_dir: Path, private: bool, epsilo
     patched = run_dir.parent / f"{run_dir.name}.toml"
     from fedtune.config import load_config
 
-    cfg = load_config(config, {"simulation": {"extra_data": {"0": str(extra)}},
-                               "privacy": {"mechanism": "dp-sgd" if private else "none",
-                                           "target_epsilon": epsilon}})
+    cfg = load_config(
+        config,
+        {
+            "simulation": {"extra_data": {"0": str(extra)}},
+            "privacy": {"mechanism": "dp-sgd" if private else "none", "target_epsilon": epsilon},
+        },
+    )
     patched.write_text(cfg.to_toml())
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", str(patched), "--run-dir", str(run_dir)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "simulate", str(patched), "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     return run_dir
@@ -84,8 +91,12 @@ def main() -> None:
     candidates = sorted(pool)[: args.candidates]
     base_dir = resolve_model_dir(load_config(args.config).model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    results = {"secret_format": TEMPLATE, "copies": args.copies, "candidates": len(candidates),
-               "max_exposure_bits": math.log2(len(candidates) + 1)}
+    results = {
+        "secret_format": TEMPLATE,
+        "copies": args.copies,
+        "candidates": len(candidates),
+        "max_exposure_bits": math.log2(len(candidates) + 1),
+    }
     results["base_model"] = exposure(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer, secret, candidates)
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp) / "canary.jsonl"

@@ -51,8 +51,9 @@ class _Workspace:
 _WORKSPACES: dict[tuple[str, int, int], _Workspace] = {}
 
 
-def _workspace(cfg: CampaignConfig, cfg_key: str, partition_id: int, num_partitions: int,
-               device: str = "cpu") -> _Workspace:
+def _workspace(
+    cfg: CampaignConfig, cfg_key: str, partition_id: int, num_partitions: int, device: str = "cpu"
+) -> _Workspace:
     key = (cfg_key, partition_id, num_partitions)
     if key not in _WORKSPACES:
         _WORKSPACES.clear()  # one campaign per process at a time: free the previous model
@@ -76,8 +77,14 @@ def identity_record(cfg: CampaignConfig, context: Context) -> ConfigRecord:
     """
     node = context.node_config
     if "contributor-id" in node:
-        return ConfigRecord({"id": str(node["contributor-id"]), "name": str(node.get("name", "")),
-                             "team": str(node.get("team", "")), "peak-flops": float(node.get("peak-flops", 0.0))})
+        return ConfigRecord(
+            {
+                "id": str(node["contributor-id"]),
+                "name": str(node.get("name", "")),
+                "team": str(node.get("team", "")),
+                "peak-flops": float(node.get("peak-flops", 0.0)),
+            }
+        )
     who = simulated_identity(cfg.campaign.name, _partition(context)[0])
     return ConfigRecord({"id": who.id, "name": who.name, "team": who.team or "", "peak-flops": 0.0})
 
@@ -91,13 +98,21 @@ def record_round(context: Context, row: dict) -> None:
             fh.write(json.dumps({**row, "time": time.time()}, sort_keys=True) + "\n")
 
 
-def decline(message: Message, reason: str, who: ConfigRecord, epsilon: float | None = None,
-            context: Context | None = None) -> Message:
+def decline(
+    message: Message, reason: str, who: ConfigRecord, epsilon: float | None = None, context: Context | None = None
+) -> Message:
     """Reply that this contributor does not train this round, and why (the server logs it)."""
     log.warning("declining round: %s", reason)
     if context is not None:
-        record_round(context, {"round": int(message.content["config"]["server-round"]), "declined": True,
-                               "reason": reason, "epsilon": epsilon})
+        record_round(
+            context,
+            {
+                "round": int(message.content["config"]["server-round"]),
+                "declined": True,
+                "reason": reason,
+                "epsilon": epsilon,
+            },
+        )
     metrics = MetricRecord({"declined": 1, "num-examples": 0} | ({} if epsilon is None else {"epsilon": epsilon}))
     content = RecordDict({"metrics": metrics, "reason": ConfigRecord({"reason": reason}), "contributor": who})
     return Message(content=content, reply_to=message)
@@ -118,11 +133,13 @@ def load_privacy(cfg: CampaignConfig, context: Context, folder: Path, shard_size
         return None
     node = context.node_config
     personal = node.get("max-epsilon") or cfg.privacy.personal_max_epsilon.get(str(_partition(context)[0]))
-    params = PrivacyParams.from_campaign(cfg.privacy, campaign_rounds=cfg.federation.rounds,
-                                         personal_max_epsilon=float(personal) if personal else None)
+    params = PrivacyParams.from_campaign(
+        cfg.privacy, campaign_rounds=cfg.federation.rounds, personal_max_epsilon=float(personal) if personal else None
+    )
     fed = cfg.federation
-    return ContributorPrivacy.load(folder, params, shard_size=shard_size, batch_size=fed.batch_size,
-                                   local_steps=fed.local_steps)
+    return ContributorPrivacy.load(
+        folder, params, shard_size=shard_size, batch_size=fed.batch_size, local_steps=fed.local_steps
+    )
 
 
 def clipped_update(start: dict[str, np.ndarray], end: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
@@ -142,8 +159,9 @@ class LocalUpdate:
     who: ConfigRecord
 
 
-def local_update(message: Message, context: Context,
-                 refuse: Callable[[CampaignConfig], str | None] | None = None) -> LocalUpdate | Message:
+def local_update(
+    message: Message, context: Context, refuse: Callable[[CampaignConfig], str | None] | None = None
+) -> LocalUpdate | Message:
     """Every contributor-side check, then local training: a decline reply, or the update to send.
 
     ``refuse`` adds a reason to decline (checked before the privacy budget and training, so a refused
@@ -161,8 +179,13 @@ def local_update(message: Message, context: Context,
     if refuse is not None and (reason := refuse(cfg)) is not None:
         return decline(message, reason, who, context=context)
     partition_id, num_partitions = _partition(context)
-    ws = _workspace(cfg, hashlib.sha256(cfg_toml.encode()).hexdigest(), partition_id, num_partitions,
-                    str(context.node_config.get("device", "cpu")))
+    ws = _workspace(
+        cfg,
+        hashlib.sha256(cfg_toml.encode()).hexdigest(),
+        partition_id,
+        num_partitions,
+        str(context.node_config.get("device", "cpu")),
+    )
     fed = cfg.federation
     privacy = load_privacy(cfg, context, state_dir(context, round_cfg, str(who["id"])), len(ws.shard))
     if privacy is not None:
@@ -175,20 +198,36 @@ def local_update(message: Message, context: Context,
     if privacy is None:
         result = train_local(ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed)
     else:
-        result = train_local_private(ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed,
-                                     privacy)
+        result = train_local_private(
+            ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed, privacy
+        )
     end = trainable_arrays(ws.model)
     if cfg.privacy.update_clip_norm > 0:
         end = clipped_update(start, end, cfg.privacy.update_clip_norm)
-    metrics = MetricRecord({
-        # weight by the assigned batch count, not the Poisson draw, so the weight says nothing about the data
-        "num-examples": fed.local_steps * fed.batch_size, "samples": result.examples, "tokens": result.tokens,
-        "train_loss": result.train_loss, "wall_s": result.wall_s, "steps": result.steps, "declined": 0,
-        **({"epsilon": float(result.privacy["epsilon_spent"])} if result.privacy else {}),
-    })
-    record_round(context, {"round": int(round_cfg["server-round"]), "examples": result.examples,
-                           "tokens": result.tokens, "train_loss": result.train_loss, "wall_s": result.wall_s,
-                           "epsilon": result.privacy.get("epsilon_spent")})
+    metrics = MetricRecord(
+        {
+            # weight by the assigned batch count, not the Poisson draw, so the weight says nothing about the data
+            "num-examples": fed.local_steps * fed.batch_size,
+            "samples": result.examples,
+            "tokens": result.tokens,
+            "train_loss": result.train_loss,
+            "wall_s": result.wall_s,
+            "steps": result.steps,
+            "declined": 0,
+            **({"epsilon": float(result.privacy["epsilon_spent"])} if result.privacy else {}),
+        }
+    )
+    record_round(
+        context,
+        {
+            "round": int(round_cfg["server-round"]),
+            "examples": result.examples,
+            "tokens": result.tokens,
+            "train_loss": result.train_loss,
+            "wall_s": result.wall_s,
+            "epsilon": result.privacy.get("epsilon_spent"),
+        },
+    )
     return LocalUpdate(cfg, start, end, metrics, who)
 
 

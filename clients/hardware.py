@@ -45,10 +45,13 @@ class HardwareInfo:
         """One line for the console."""
         if self.device.startswith("cuda") and self.gpus:
             g = self.gpus[0]
-            return (f"GPU {g.name}, {g.vram_bytes / 2**30:.1f} GiB, compute {g.compute_capability}, "
-                    f"bf16 {'yes' if g.bf16 else 'no'}, driver {g.driver or 'unknown'}")
-        return (f"CPU {self.cpu_model or platform.machine()}, {self.cpu_cores} cores, "
-                f"{self.ram_bytes / 2**30:.1f} GiB RAM")
+            return (
+                f"GPU {g.name}, {g.vram_bytes / 2**30:.1f} GiB, compute {g.compute_capability}, "
+                f"bf16 {'yes' if g.bf16 else 'no'}, driver {g.driver or 'unknown'}"
+            )
+        return (
+            f"CPU {self.cpu_model or platform.machine()}, {self.cpu_cores} cores, {self.ram_bytes / 2**30:.1f} GiB RAM"
+        )
 
 
 def _ram_bytes() -> int:
@@ -90,16 +93,29 @@ def probe(gpu: int | None = None) -> HardwareInfo:
     """Describe the machine; with ``gpu`` set, the device training will use is that CUDA device."""
     import torch
 
-    info = HardwareInfo(device="cpu", cpu_model=_cpu_model(), cpu_cores=os.cpu_count() or 1, ram_bytes=_ram_bytes(),
-                        torch_version=torch.__version__, cuda_version=torch.version.cuda)
+    info = HardwareInfo(
+        device="cpu",
+        cpu_model=_cpu_model(),
+        cpu_cores=os.cpu_count() or 1,
+        ram_bytes=_ram_bytes(),
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda,
+    )
     if not torch.cuda.is_available():
         return info
     driver = _nvml_driver()
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        info.gpus.append(GpuInfo(index=i, name=props.name, vram_bytes=int(props.total_memory),
-                                 compute_capability=f"{props.major}.{props.minor}",
-                                 bf16=props.major >= 8, driver=driver))
+        info.gpus.append(
+            GpuInfo(
+                index=i,
+                name=props.name,
+                vram_bytes=int(props.total_memory),
+                compute_capability=f"{props.major}.{props.minor}",
+                bf16=props.major >= 8,
+                driver=driver,
+            )
+        )
     if gpu is not None and 0 <= gpu < len(info.gpus):
         info.device = f"cuda:{gpu}"
         info.gpus = [info.gpus[gpu]] + [g for g in info.gpus if g.index != gpu]

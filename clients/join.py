@@ -154,8 +154,7 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
             print(f"error: --root-cert {opts.root_cert} is not a file", file=sys.stderr)
             return 2
     elif not opts.insecure:
-        print("error: pass --root-cert CA.pem (the CA file the coordinator gave you) or --insecure",
-              file=sys.stderr)
+        print("error: pass --root-cert CA.pem (the CA file the coordinator gave you) or --insecure", file=sys.stderr)
         return 2
 
     hw = probe(opts.gpu)
@@ -169,8 +168,11 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
     keys = ensure_keys(opts.state_dir, opts.name)
     print(f"contributor id: {keys.contributor_id}", file=out)
     print(f"public key ({keys.auth_public}):\n  {keys.public_line}", file=out)
-    print("the coordinator approves it with:\n"
-          f"  fedtune approve {keys.auth_public.name} --run-dir RUN_DIR --name {opts.name or 'NAME'}", file=out)
+    print(
+        "the coordinator approves it with:\n"
+        f"  fedtune approve {keys.auth_public.name} --run-dir RUN_DIR --name {opts.name or 'NAME'}",
+        file=out,
+    )
 
     bin_dir = opts.state_dir / "bin"
     shim = write_shim(bin_dir)
@@ -178,8 +180,9 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
     if shutil.which("flwr-clientapp", path=env["PATH"]) != str(shim):
         print("error: could not put fedtune's guarded flwr-clientapp first on the SuperNode's PATH", file=sys.stderr)
         return EXIT_SUPERNODE_FAILED
-    cmd = supernode_command(opts, keys, node_config(opts, keys, peak, "cuda:0" if hw.device.startswith("cuda")
-                                                    else "cpu"))
+    cmd = supernode_command(
+        opts, keys, node_config(opts, keys, peak, "cuda:0" if hw.device.startswith("cuda") else "cpu")
+    )
     return _supervise(opts, cmd, env, out)
 
 
@@ -189,16 +192,14 @@ def _supervise(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: Text
         return _supervise_until(opts, cmd, env, out, stop)
 
 
-def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO,
-                     stop: threading.Event) -> int:
+def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO, stop: threading.Event) -> int:
     tail = _Tail(opts.state_dir / ROUNDS_FILE)
     log_path = opts.state_dir / "supernode.log"
     deadline = time.monotonic() + opts.enrol_wait_s
     print(f"joining {opts.coordinator} (SuperNode log: {log_path}); Ctrl-C to stop", file=out)
     while not stop.is_set():
         refused: list[str] = []
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                preexec_fn=preexec())
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec())
         assert proc.stdout is not None
         pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, opts.verbose, refused), daemon=True)
         pump.start()
@@ -218,10 +219,12 @@ def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out
             print(f"error: the SuperNode exited with status {proc.returncode}; see {log_path}", file=sys.stderr)
             return EXIT_SUPERNODE_FAILED
         if time.monotonic() >= deadline:
-            print(f"error: the coordinator at {opts.coordinator} refused this contributor's key; "
-                  f"ask them to approve {opts.state_dir / 'supernode.pub'}", file=sys.stderr)
+            print(
+                f"error: the coordinator at {opts.coordinator} refused this contributor's key; "
+                f"ask them to approve {opts.state_dir / 'supernode.pub'}",
+                file=sys.stderr,
+            )
             return EXIT_REFUSED
-        print("not accepted by the coordinator (yet): waiting for approval, retrying in 5 s", file=out,
-              flush=True)
+        print("not accepted by the coordinator (yet): waiting for approval, retrying in 5 s", file=out, flush=True)
         stop.wait(5.0)
     return 0

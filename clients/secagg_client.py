@@ -122,8 +122,9 @@ def _advertise(message: Message, context: Context, request: dict[str, Any], trai
     identity = identity_key(context, cfg.campaign.seed)
     public = identity_public_bytes(identity)
     quant = quant_config(cfg)
-    client = SecAggClient(node, identity, {node: public}, cfg.campaign.name, round_id=int(request["round"]),
-                          quant=quant)
+    client = SecAggClient(
+        node, identity, {node: public}, cfg.campaign.name, round_id=int(request["round"]), quant=quant
+    )
     reply = client.handle(request)
     ratio = min(1.0, float(update.metrics["num-examples"]) / float(request["weight_max"]))
     vector = encode_update(update.start, update.end, ratio, quant.clip)

@@ -31,8 +31,9 @@ def _optimizer(model: torch.nn.Module, learning_rate: float) -> torch.optim.Opti
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
 
 
-def train_local(model: torch.nn.Module, shard: TokenizedSet, steps: int, batch_size: int,
-                learning_rate: float, seed: int) -> TrainResult:
+def train_local(
+    model: torch.nn.Module, shard: TokenizedSet, steps: int, batch_size: int, learning_rate: float, seed: int
+) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable adapter with the per-sequence mean loss.
 
     The loss is the mean of each sequence's mean token loss (not HF's batch-wide token mean), so each
@@ -54,12 +55,24 @@ def train_local(model: torch.nn.Module, shard: TokenizedSet, steps: int, batch_s
         loss_sum += float(loss.detach())
         examples += batch["input_ids"].shape[0]
         tokens += int(token_counts(batch["attention_mask"]).sum())
-    return TrainResult(examples=examples, tokens=tokens, train_loss=loss_sum / max(steps, 1),
-                       wall_s=time.perf_counter() - start, steps=steps)
+    return TrainResult(
+        examples=examples,
+        tokens=tokens,
+        train_loss=loss_sum / max(steps, 1),
+        wall_s=time.perf_counter() - start,
+        steps=steps,
+    )
 
 
-def train_local_private(model: torch.nn.Module, shard: TokenizedSet, steps: int, batch_size: int,
-                        learning_rate: float, seed: int, privacy: ContributorPrivacy) -> TrainResult:
+def train_local_private(
+    model: torch.nn.Module,
+    shard: TokenizedSet,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    privacy: ContributorPrivacy,
+) -> TrainResult:
     """DP-SGD (DP-AdamW) for ``steps`` Poisson-sampled batches, accounted in the contributor's lifetime budget.
 
     The accountant's history is saved to the contributor's state dir before this returns, so the ε
@@ -79,5 +92,11 @@ def train_local_private(model: torch.nn.Module, shard: TokenizedSet, steps: int,
         metrics = run.train_steps(steps, counting_loss)
     privacy.save()
     loss = float(metrics["loss"])
-    return TrainResult(examples=int(metrics["samples"]), tokens=tokens, train_loss=loss if loss == loss else 0.0,
-                       wall_s=time.perf_counter() - start, steps=int(metrics["steps"]), privacy=privacy.summary())
+    return TrainResult(
+        examples=int(metrics["samples"]),
+        tokens=tokens,
+        train_loss=loss if loss == loss else 0.0,
+        wall_s=time.perf_counter() - start,
+        steps=int(metrics["steps"]),
+        privacy=privacy.summary(),
+    )

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from fedtune.ml.tiny import is_builtin
-
+BUILTIN_PREFIX = "builtin:"
+"""``[model] name = "builtin:NAME"`` names a model fedtune builds locally (:mod:`fedtune.ml.tiny`)."""
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ConfigError(ValueError):
@@ -230,8 +234,9 @@ def _describe(tp: Any) -> str:
         return "a list of " + _describe(get_args(tp)[0]).split(" ", 1)[-1] + "s"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            type(None): "nothing"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "nothing"}.get(
+        tp, str(tp)
+    )
 
 
 def _check_type(value: Any, tp: Any, path: Path, key: str) -> Any:
@@ -276,59 +281,109 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
     """Value ranges and cross-field rules that types alone cannot express."""
     fed, sim, lora, data = cfg.federation, cfg.simulation, cfg.lora, cfg.data
     positive_ints = {
-        "[lora] rank": lora.rank, "[data] max_seq_len": data.max_seq_len,
-        "[federation] rounds": fed.rounds, "[federation] contributors_per_round": fed.contributors_per_round,
-        "[federation] min_cohort": fed.min_cohort, "[federation] local_steps": fed.local_steps,
-        "[federation] batch_size": fed.batch_size, "[simulation] contributors": sim.contributors,
+        "[lora] rank": lora.rank,
+        "[data] max_seq_len": data.max_seq_len,
+        "[federation] rounds": fed.rounds,
+        "[federation] contributors_per_round": fed.contributors_per_round,
+        "[federation] min_cohort": fed.min_cohort,
+        "[federation] local_steps": fed.local_steps,
+        "[federation] batch_size": fed.batch_size,
+        "[simulation] contributors": sim.contributors,
     }
     for key, value in positive_ints.items():
         _require(value >= 1, path, key, "an integer >= 1", value)
-    for key, value in {"[federation] learning_rate": fed.learning_rate, "[lora] alpha": lora.alpha,
-                       "[federation] server_learning_rate": fed.server_learning_rate,
-                       "[simulation] dirichlet_alpha": sim.dirichlet_alpha,
-                       "[federation] round_timeout_s": fed.round_timeout_s,
-                       "[simulation] cpus_per_contributor": sim.cpus_per_contributor}.items():
+    for key, value in {
+        "[federation] learning_rate": fed.learning_rate,
+        "[lora] alpha": lora.alpha,
+        "[federation] server_learning_rate": fed.server_learning_rate,
+        "[simulation] dirichlet_alpha": sim.dirichlet_alpha,
+        "[federation] round_timeout_s": fed.round_timeout_s,
+        "[simulation] cpus_per_contributor": sim.cpus_per_contributor,
+    }.items():
         _require(value > 0, path, key, "a number > 0", value)
     _require(0 <= lora.dropout < 1, path, "[lora] dropout", "a number in [0, 1)", lora.dropout)
-    _require(0 <= fed.server_momentum < 1, path, "[federation] server_momentum", "a number in [0, 1)",
-             fed.server_momentum)
+    _require(
+        0 <= fed.server_momentum < 1, path, "[federation] server_momentum", "a number in [0, 1)", fed.server_momentum
+    )
     _require(0 < data.eval_fraction < 1, path, "[data] eval_fraction", "a number in (0, 1)", data.eval_fraction)
-    _require(data.eval_max_examples >= 1, path, "[data] eval_max_examples", "an integer >= 1",
-             data.eval_max_examples)
-    _require(len(lora.target_modules) > 0, path, "[lora] target_modules", "a non-empty list of module names",
-             lora.target_modules)
+    _require(data.eval_max_examples >= 1, path, "[data] eval_max_examples", "an integer >= 1", data.eval_max_examples)
+    _require(
+        len(lora.target_modules) > 0,
+        path,
+        "[lora] target_modules",
+        "a non-empty list of module names",
+        lora.target_modules,
+    )
     _require(data.source != "", path, "[data] source", "a local data file or a datasets hub id", data.source)
-    _require(fed.min_cohort <= fed.contributors_per_round, path, "[federation] min_cohort",
-             f"at most contributors_per_round ({fed.contributors_per_round})", fed.min_cohort)
-    _require(fed.contributors_per_round <= sim.contributors, path, "[federation] contributors_per_round",
-             f"at most [simulation] contributors ({sim.contributors})", fed.contributors_per_round)
+    _require(
+        fed.min_cohort <= fed.contributors_per_round,
+        path,
+        "[federation] min_cohort",
+        f"at most contributors_per_round ({fed.contributors_per_round})",
+        fed.min_cohort,
+    )
+    _require(
+        fed.contributors_per_round <= sim.contributors,
+        path,
+        "[federation] contributors_per_round",
+        f"at most [simulation] contributors ({sim.contributors})",
+        fed.contributors_per_round,
+    )
     priv, sec = cfg.privacy, cfg.secure_aggregation
-    for key, value in {"[privacy] target_epsilon": priv.target_epsilon, "[privacy] max_grad_norm": priv.max_grad_norm,
-                       "[secure_aggregation] stage_timeout_s": sec.stage_timeout_s}.items():
+    for key, value in {
+        "[privacy] target_epsilon": priv.target_epsilon,
+        "[privacy] max_grad_norm": priv.max_grad_norm,
+        "[secure_aggregation] stage_timeout_s": sec.stage_timeout_s,
+    }.items():
         _require(value > 0, path, key, "a number > 0", value)
-    for key, value in {"[privacy] delta": priv.delta, "[privacy] update_clip_norm": priv.update_clip_norm,
-                       "[secure_aggregation] clip_range": sec.clip_range}.items():
+    for key, value in {
+        "[privacy] delta": priv.delta,
+        "[privacy] update_clip_norm": priv.update_clip_norm,
+        "[secure_aggregation] clip_range": sec.clip_range,
+    }.items():
         _require(value >= 0, path, key, "a number >= 0 (0 = automatic or off)", value)
     _require(priv.delta < 1, path, "[privacy] delta", "a number in [0, 1)", priv.delta)
-    for key, value in {"[privacy] planned_rounds": priv.planned_rounds, "[secure_aggregation] neighbours":
-                       sec.neighbours, "[secure_aggregation] threshold": sec.threshold}.items():
+    for key, value in {
+        "[privacy] planned_rounds": priv.planned_rounds,
+        "[secure_aggregation] neighbours": sec.neighbours,
+        "[secure_aggregation] threshold": sec.threshold,
+    }.items():
         _require(value >= 0, path, key, "an integer >= 0 (0 = automatic)", value)
     for pid, eps in priv.personal_max_epsilon.items():
-        _require(pid.isdigit() and int(pid) < sim.contributors, path, f"[privacy] personal_max_epsilon.{pid}",
-                 f"a contributor partition id below {sim.contributors}", pid)
+        _require(
+            pid.isdigit() and int(pid) < sim.contributors,
+            path,
+            f"[privacy] personal_max_epsilon.{pid}",
+            f"a contributor partition id below {sim.contributors}",
+            pid,
+        )
         _require(eps > 0, path, f"[privacy] personal_max_epsilon.{pid}", "a number > 0", eps)
     for pid in sim.extra_data:
-        _require(pid.isdigit() and int(pid) < sim.contributors, path, f"[simulation] extra_data.{pid}",
-                 f"a contributor partition id below {sim.contributors}", pid)
+        _require(
+            pid.isdigit() and int(pid) < sim.contributors,
+            path,
+            f"[simulation] extra_data.{pid}",
+            f"a contributor partition id below {sim.contributors}",
+            pid,
+        )
     _require(1 <= sec.bits <= 30, path, "[secure_aggregation] bits", "an integer in [1, 30]", sec.bits)
     _require(sec.min_cohort >= 2, path, "[secure_aggregation] min_cohort", "an integer >= 2", sec.min_cohort)
     _require(cfg.campaign.run_dir != "", path, "[campaign] run_dir", "a directory path", cfg.campaign.run_dir)
 
 
+def is_builtin(name: str) -> bool:
+    """A ``builtin:`` model name (built locally, never downloaded)."""
+    return name.startswith(BUILTIN_PREFIX)
+
+
 def looks_local(source: str) -> bool:
     """A data source or model name that names a local path rather than a hub id."""
-    return (source.startswith((".", "/", "~")) or source.endswith(LOCAL_DATA_SUFFIXES)
-            or source.count("/") > 1 or Path(source).exists())
+    return (
+        source.startswith((".", "/", "~"))
+        or source.endswith(LOCAL_DATA_SUFFIXES)
+        or source.count("/") > 1
+        or Path(source).exists()
+    )
 
 
 def _resolve_paths(cfg: CampaignConfig, path: Path) -> None:
@@ -339,18 +394,34 @@ def _resolve_paths(cfg: CampaignConfig, path: Path) -> None:
 
     if looks_local(cfg.data.source):
         cfg.data.source = resolve(cfg.data.source)
-        _require(Path(cfg.data.source).exists(), path, "[data] source", "an existing data file or directory",
-                 cfg.data.source)
+        _require(
+            Path(cfg.data.source).exists(), path, "[data] source", "an existing data file or directory", cfg.data.source
+        )
     if not is_builtin(cfg.model.name) and looks_local(cfg.model.name):
         cfg.model.name = resolve(cfg.model.name)
         model_dir = Path(cfg.model.name)
         _require(model_dir.is_dir(), path, "[model] name", "a model directory (or hub id)", cfg.model.name)
-        _require((model_dir / "config.json").is_file(), path, "[model] name",
-                 "a model directory containing config.json", cfg.model.name)
-        _require(any((model_dir / w).is_file() for w in WEIGHT_FILES), path, "[model] name",
-                 f"a model directory with weights ({' or '.join(WEIGHT_FILES[::2])})", cfg.model.name)
+        _require(
+            (model_dir / "config.json").is_file(),
+            path,
+            "[model] name",
+            "a model directory containing config.json",
+            cfg.model.name,
+        )
+        _require(
+            any((model_dir / w).is_file() for w in WEIGHT_FILES),
+            path,
+            "[model] name",
+            f"a model directory with weights ({' or '.join(WEIGHT_FILES[::2])})",
+            cfg.model.name,
+        )
     for pid, extra in list(cfg.simulation.extra_data.items()):
         cfg.simulation.extra_data[pid] = resolve(extra)
-        _require(Path(cfg.simulation.extra_data[pid]).is_file(), path, f"[simulation] extra_data.{pid}",
-                 "an existing data file", extra)
+        _require(
+            Path(cfg.simulation.extra_data[pid]).is_file(),
+            path,
+            f"[simulation] extra_data.{pid}",
+            "an existing data file",
+            extra,
+        )
     cfg.campaign.run_dir = resolve(cfg.campaign.run_dir)

@@ -115,9 +115,7 @@ class PrivacyParams:
             self.mechanism in ("dp-sgd", "none"),
             f"mechanism must be 'dp-sgd' or 'none', not {self.mechanism!r}",
         )
-        _require(
-            self.accountant in ("prv", "rdp"), f"accountant must be 'prv' or 'rdp', not {self.accountant!r}"
-        )
+        _require(self.accountant in ("prv", "rdp"), f"accountant must be 'prv' or 'rdp', not {self.accountant!r}")
         _require(
             self.grad_sample_mode in ("hooks", "ghost"),
             f"grad_sample_mode must be 'hooks' or 'ghost', not {self.grad_sample_mode!r}",
@@ -322,9 +320,7 @@ class ContributorPrivacy:
                     params.accountant,
                 )
             if state["mechanism"] != params.mechanism:
-                logger.warning(
-                    "privacy mechanism changed from %s to %s", state["mechanism"], params.mechanism
-                )
+                logger.warning("privacy mechanism changed from %s to %s", state["mechanism"], params.mechanism)
             if params.target_delta is not None and params.target_delta != state["delta"]:
                 logger.warning("keeping δ=%g from calibration, not %g", state["delta"], params.target_delta)
             history = tuple((float(s), float(q), int(k)) for s, q, k in accountant_state["history"])
@@ -402,8 +398,7 @@ class ContributorPrivacy:
         if not self.params.private:
             if self.params.personal_max_epsilon is not None:
                 return False, (
-                    "campaign trains without DP but this contributor caps ε at "
-                    f"{self.params.personal_max_epsilon}"
+                    f"campaign trains without DP but this contributor caps ε at {self.params.personal_max_epsilon}"
                 )
             return True, "campaign trains without differential privacy"
         spent = self.epsilon_spent()
@@ -495,9 +490,7 @@ class _CollateOrNone:
         return self.collate_fn(samples) if samples else None
 
 
-def poisson_loader(
-    data_loader: DataLoader, sample_rate: float, generator: torch.Generator | None = None
-) -> DataLoader:
+def poisson_loader(data_loader: DataLoader, sample_rate: float, generator: torch.Generator | None = None) -> DataLoader:
     """A loader over the same dataset and collate function that draws each batch by Poisson sampling.
 
     Each record joins each batch independently with probability ``sample_rate`` (what the accountant
@@ -529,9 +522,7 @@ def _check_optimizer_matches(model: nn.Module, optimizer: torch.optim.Optimizer)
     """Every trainable parameter must be optimised and vice versa, or clipping would miss a gradient."""
     trainable = {id(p) for p in _trainable_parameters(model)}
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    _require(
-        trainable == optimised, "the optimizer's parameters must be exactly the model's trainable parameters"
-    )
+    _require(trainable == optimised, "the optimizer's parameters must be exactly the model's trainable parameters")
     _require(bool(trainable), "the model has no trainable parameters")
 
 
@@ -662,9 +653,7 @@ def make_private(
     model.train()  # Opacus only captures activations in training mode
     dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
     if sample_rate is None:
-        _require(
-            data_loader.batch_size is not None, "data_loader needs a batch_size to derive the sample rate"
-        )
+        _require(data_loader.batch_size is not None, "data_loader needs a batch_size to derive the sample rate")
         sample_rate = sample_rate_for(int(data_loader.batch_size), dataset_size)  # type: ignore[arg-type]
     _require(0 < sample_rate <= 1, "sample_rate must be in (0, 1]")
     expected_batch_size = sample_rate * dataset_size
@@ -692,16 +681,12 @@ def make_private(
     )
     module.forbid_grad_accumulation()  # type: ignore[operator]
     loader = poisson_loader(data_loader, sample_rate, sample_generator)
-    run = TrainingRun(
-        module, dp_optimizer, loader, grad_sample_mode, device=_trainable_parameters(model)[0].device
-    )
+    run = TrainingRun(module, dp_optimizer, loader, grad_sample_mode, device=_trainable_parameters(model)[0].device)
     dp_optimizer.attach_step_hook(run._count_step)
     return run
 
 
-def non_private_run(
-    model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader
-) -> TrainingRun:
+def non_private_run(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader) -> TrainingRun:
     """The same interface without DP (``mechanism = "none"``, and the benchmark's baseline)."""
     _check_optimizer_matches(model, optimizer)
     model.train()
@@ -725,9 +710,7 @@ def causal_lm_loss(module: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _noise_only_step(run: TrainingRun) -> None:

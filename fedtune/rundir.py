@@ -19,6 +19,9 @@ from typing import Any
 
 from fedtune.files import atomic_write_text
 
+LEDGER_FILENAME = "ledger.sqlite"
+"""The run's embedded credit ledger (SQLite) unless ``[credit] db`` names another database."""
+
 
 def fresh_run_dir(requested: Path) -> Path:
     """``requested`` if it is free, else the first free ``requested-2``, ``requested-3``, …"""

@@ -8,7 +8,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedtune.config import CampaignConfig
-from fedtune.credit.ledger import Contributor
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -46,11 +45,21 @@ class Outcome:
     reply: Message | None = None
 
 
-def contributor_of(reply: Message) -> Contributor | None:
+@dataclass(frozen=True)
+class ContributorInfo:
+    """Who a contributor says it is in its replies: a stable id, display name and team, declared peak FLOP/s."""
+
+    id: str
+    name: str
+    team: str | None = None
+    declared_peak_flops: float | None = None
+
+
+def contributor_of(reply: Message) -> ContributorInfo | None:
     """The identity a contributor states in its reply (``contributor`` config record)."""
     if "contributor" not in reply.content.config_records:
         return None
     rec = reply.content["contributor"]
     peak = float(rec.get("peak-flops", 0.0)) or None
     team = str(rec.get("team", "")) or None
-    return Contributor(id=str(rec["id"]), name=str(rec["name"]), team=team, declared_peak_flops=peak)
+    return ContributorInfo(id=str(rec["id"]), name=str(rec["name"]), team=team, declared_peak_flops=peak)

@@ -85,14 +85,24 @@ class RoundReplies:
 
     def outcomes(self, messages: list[Message], replies: list[Message], applied: bool) -> list[Outcome]:
         """Every sampled node's fate this round, for the credit ledger."""
-        out = [Outcome(m.metadata.src_node_id, "included" if applied else "failed",
-                       None if applied else "round not applied: too few updates", m) for m in self.accepted]
+        out = [
+            Outcome(
+                m.metadata.src_node_id,
+                "included" if applied else "failed",
+                None if applied else "round not applied: too few updates",
+                m,
+            )
+            for m in self.accepted
+        ]
         by_node = {m.metadata.src_node_id: m for m in replies}
         out += [Outcome(node, "declined", reason, by_node[node]) for node, reason in self.declined]
         out += [Outcome(node, "failed", reason) for node, reason in self.failed]
         answered = set(by_node)
-        out += [Outcome(m.metadata.dst_node_id, "dropped", "no reply within the round timeout")
-                for m in messages if m.metadata.dst_node_id not in answered]
+        out += [
+            Outcome(m.metadata.dst_node_id, "dropped", "no reply within the round timeout")
+            for m in messages
+            if m.metadata.dst_node_id not in answered
+        ]
         return out
 
 
@@ -134,7 +144,7 @@ class CampaignServer:
                 continue
             with np.load(state_file) as npz:
                 state = {k: npz[k] for k in npz.files}
-            load_trainable(self.model, {k[len("adapter/"):]: v for k, v in state.items() if k.startswith("adapter/")})
+            load_trainable(self.model, {k[len("adapter/") :]: v for k, v in state.items() if k.startswith("adapter/")})
             restore_strategy_state(strategy, {k: v for k, v in state.items() if not k.startswith("adapter/")})
             return row["round"], [r for r in rows if r["round"] <= row["round"]]
         return None
@@ -157,8 +167,17 @@ class CampaignServer:
         strategy = build_strategy(cfg, self.wait_for_contributors(grid))
         resumed = self.resume_point(strategy)
         if resumed is None:
-            row0 = {"round": 0, **self.evaluate(), "train_loss": None, "participants": 0, "declined": 0,
-                    "failed": 0, "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
+            row0 = {
+                "round": 0,
+                **self.evaluate(),
+                "train_loss": None,
+                "participants": 0,
+                "declined": 0,
+                "failed": 0,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "wall_s": 0.0,
+            }
             self.save_checkpoint(0, trainable_arrays(self.model), strategy)
             self.run_dir.append_metrics(row0)
             done, rows = 0, [row0]
@@ -191,8 +210,9 @@ class CampaignServer:
         start = time.perf_counter()
         arrays = trainable_arrays(self.model)
         record = arrays_to_record(arrays)
-        config = campaign_to_record(cfg, **{"base-fingerprint": self.fingerprint,
-                                            "state-root": str(self.run_dir.root / "contributors")})
+        config = campaign_to_record(
+            cfg, **{"base-fingerprint": self.fingerprint, "state-root": str(self.run_dir.root / "contributors")}
+        )
         if self.secure is not None:
             return self.run_secure_round(server_round, strategy, grid, start, record, config)
         messages = list(strategy.configure_train(server_round, record, config, grid))
@@ -211,32 +231,48 @@ class CampaignServer:
             load_trainable(self.model, arrays)
             train_loss = float(train_metrics["train_loss"]) if train_metrics else None
         else:
-            log.warning("round %d: %d accepted replies, below the minimum cohort %d; no update applied",
-                        server_round, len(replies.accepted), fed.min_cohort)
+            log.warning(
+                "round %d: %d accepted replies, below the minimum cohort %d; no update applied",
+                server_round,
+                len(replies.accepted),
+                fed.min_cohort,
+            )
         row = {
-            "round": server_round, **self.evaluate(), "train_loss": train_loss, "applied": applied,
+            "round": server_round,
+            **self.evaluate(),
+            "train_loss": train_loss,
+            "applied": applied,
             "participants": len(replies.accepted) if applied else 0,
-            "sampled": len(messages), "declined": len(replies.declined),
+            "sampled": len(messages),
+            "declined": len(replies.declined),
             "failed": len(messages) - len(replies.accepted) - len(replies.declined),  # errors + no reply
             "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies.accepted),
             "tokens": sum(int(m.content["metrics"]["tokens"]) for m in replies.accepted),
             "bytes_down": record_nbytes(record) * len(messages),
             "bytes_up": sum(record_nbytes(m.content["arrays"]) for m in replies.accepted),
-            "round_trip_s": round_trip_s, "wall_s": time.perf_counter() - start,
+            "round_trip_s": round_trip_s,
+            "wall_s": time.perf_counter() - start,
             **self.privacy_metrics(raw_replies),
         }
         return self.close_round(server_round, strategy, arrays, row, replies.outcomes(messages, raw_replies, applied))
 
-    def close_round(self, server_round: int, strategy: FedAvg, arrays: dict[str, np.ndarray], row: dict[str, Any],
-                    outcomes: list[Outcome]) -> dict[str, Any]:
+    def close_round(
+        self,
+        server_round: int,
+        strategy: FedAvg,
+        arrays: dict[str, np.ndarray],
+        row: dict[str, Any],
+        outcomes: list[Outcome],
+    ) -> dict[str, Any]:
         """Checkpoint, credit and record a finished round (applied or not): the same for every protocol."""
         self.save_checkpoint(server_round, arrays, strategy)
         self.credits.record(server_round, outcomes)
         self.run_dir.append_metrics(row)
         return row
 
-    def run_secure_round(self, server_round: int, strategy: FedAvg, grid: Grid, start: float, record: ArrayRecord,
-                         config: ConfigRecord) -> dict[str, Any]:
+    def run_secure_round(
+        self, server_round: int, strategy: FedAvg, grid: Grid, start: float, record: ArrayRecord, config: ConfigRecord
+    ) -> dict[str, Any]:
         """One SecAgg+ round: the server only ever sees the survivors' sum; an aborted round changes nothing.
 
         Only survivors whose masked input is in the applied sum are credited ("included"); an abort (fewer
@@ -251,14 +287,22 @@ class CampaignServer:
         participants = len(result.survivors) if result.applied else 0
         train_loss = result.train_metrics.get("train_loss") if result.train_metrics else None
         row = {
-            "round": server_round, **self.evaluate(), "applied": result.applied,
+            "round": server_round,
+            **self.evaluate(),
+            "applied": result.applied,
             "train_loss": None if train_loss is None else float(train_loss),
-            "participants": participants, "sampled": len(result.cohort), "declined": result.declined,
+            "participants": participants,
+            "sampled": len(result.cohort),
+            "declined": result.declined,
             "failed": len(result.cohort) - participants - result.declined,  # errors + no reply + aborted
-            "examples": result.examples if result.applied else 0, "tokens": result.tokens if result.applied else 0,
-            "bytes_down": result.bytes_down, "bytes_up": result.bytes_up,
-            "round_trip_s": result.round_trip_s, "wall_s": time.perf_counter() - start,
-            "secure_aggregation": True, "survivors": len(result.survivors),
+            "examples": result.examples if result.applied else 0,
+            "tokens": result.tokens if result.applied else 0,
+            "bytes_down": result.bytes_down,
+            "bytes_up": result.bytes_up,
+            "round_trip_s": result.round_trip_s,
+            "wall_s": time.perf_counter() - start,
+            "secure_aggregation": True,
+            "survivors": len(result.survivors),
             "secagg_stage_s": {k: round(v, 4) for k, v in result.stage_s.items()},
             **({"abort_reason": result.abort_reason} if result.abort_reason else {}),
             **self.privacy_metrics(result.replies),

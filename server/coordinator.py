@@ -78,8 +78,8 @@ dependencies = []
 publisher = "fedtune"
 
 [tool.flwr.app.components]
-serverapp = "{COMPONENTS['serverapp']}"
-clientapp = "{COMPONENTS['clientapp']}"
+serverapp = "{COMPONENTS["serverapp"]}"
+clientapp = "{COMPONENTS["clientapp"]}"
 
 [tool.flwr.app.config]
 campaign = ""
@@ -134,8 +134,9 @@ class Coordinator:
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI against this coordinator's SuperLink."""
         exe = shutil.which("flwr", path=self.env()["PATH"]) or "flwr"
-        return subprocess.run([exe, *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s,
-                              cwd=self.run_dir)
+        return subprocess.run(
+            [exe, *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s, cwd=self.run_dir
+        )
 
     def prepare(self) -> Path:
         """Resolve the campaign into the run dir (or pick up the one there), TLS, bundle and CLI config."""
@@ -148,11 +149,9 @@ class Coordinator:
         cfg.campaign.run_dir = str(self.run_dir)
         if resolved.exists() and self.layout.metrics.exists():
             done = [row["round"] for row in self.layout.read_metrics()]
-            print(f"resuming the campaign in {self.run_dir} (rounds recorded: {max(done, default=-1)})",
-                  file=self.out)
+            print(f"resuming the campaign in {self.run_dir} (rounds recorded: {max(done, default=-1)})", file=self.out)
             if resolved.read_text(encoding="utf-8") != cfg.to_toml():
-                print(f"warning: {self.config_path} changed since the run started; keeping {resolved}",
-                      file=sys.stderr)
+                print(f"warning: {self.config_path} changed since the run started; keeping {resolved}", file=sys.stderr)
         else:
             self.layout.create(cfg.to_toml())
         host, port = split_address(self.address)
@@ -176,18 +175,40 @@ class Coordinator:
         host, port = split_address(self.address)
         bind = self.bind or (host if _is_loopback(host) else "0.0.0.0")
         exe = shutil.which("flower-superlink", path=self.env()["PATH"]) or "flower-superlink"
-        cmd = [exe, "--host", bind, "--port", str(port), "--database", str(self.run_dir / "superlink.db"),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            exe,
+            "--host",
+            bind,
+            "--port",
+            str(port),
+            "--database",
+            str(self.run_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.insecure:
             return [*cmd, "--insecure"]
         tls = self.run_dir / "tls"
-        return [*cmd, "--ssl-ca-certfile", str(tls / "ca.pem"), "--ssl-certfile", str(tls / "server.pem"),
-                "--ssl-keyfile", str(tls / "server.key"), "--enable-supernode-auth"]
+        return [
+            *cmd,
+            "--ssl-ca-certfile",
+            str(tls / "ca.pem"),
+            "--ssl-certfile",
+            str(tls / "server.pem"),
+            "--ssl-keyfile",
+            str(tls / "server.key"),
+            "--enable-supernode-auth",
+        ]
 
     def start_superlink(self, timeout_s: float = 90.0) -> None:
         log = (self.run_dir / "superlink.log").open("ab")
-        self.proc = subprocess.Popen(self.superlink_command(), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.run_dir, preexec_fn=preexec())
+        self.proc = subprocess.Popen(
+            self.superlink_command(),
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.run_dir,
+            preexec_fn=preexec(),
+        )
         log.close()
         host, port = split_address(self.address)
         wait_for_port("127.0.0.1" if not _is_loopback(host) else host, port, timeout_s, self.proc)
@@ -212,8 +233,10 @@ class Coordinator:
                 self._registered.add(entry.key)
                 print(f"contributor approved: {entry.name}", file=self.out, flush=True)
             else:
-                print(f"warning: could not register {entry.name}: {(res.stdout + res.stderr).strip()[-300:]}",
-                      file=sys.stderr)
+                print(
+                    f"warning: could not register {entry.name}: {(res.stdout + res.stderr).strip()[-300:]}",
+                    file=sys.stderr,
+                )
 
     def submit(self, resolved: Path) -> int:
         """``flwr run`` the bundle with this campaign and run dir; return the run id."""
@@ -239,8 +262,11 @@ class Coordinator:
             runs = json.loads(res.stdout).get("runs", [])
         except json.JSONDecodeError:
             return []
-        stale = [int(r["run-id"]) for r in runs
-                 if r.get("fab-id") == f"fedtune/{APP_NAME}" and not str(r.get("status", "")).startswith(FINISHED)]
+        stale = [
+            int(r["run-id"])
+            for r in runs
+            if r.get("fab-id") == f"fedtune/{APP_NAME}" and not str(r.get("status", "")).startswith(FINISHED)
+        ]
         for run_id in stale:
             self.flwr("stop", str(run_id), CONNECTION, timeout_s=60.0)
             print(f"stopped run {run_id} left over from a previous coordinator", file=self.out)
@@ -260,8 +286,15 @@ class Coordinator:
         stop_process(self.proc, grace_s)
 
 
-def coordinate(config_path: Path, run_dir: Path, address: str = "127.0.0.1:9092", insecure: bool = False,
-               bind: str | None = None, out: TextIO = sys.stdout, status_every_s: float = 10.0) -> int:
+def coordinate(
+    config_path: Path,
+    run_dir: Path,
+    address: str = "127.0.0.1:9092",
+    insecure: bool = False,
+    bind: str | None = None,
+    out: TextIO = sys.stdout,
+    status_every_s: float = 10.0,
+) -> int:
     """Run a campaign to its end; 0 when every round is recorded, 1 when the run ended early, 130 on Ctrl-C."""
     co = Coordinator(Path(config_path), Path(run_dir), address, bind, insecure, out)
     with stop_requested() as stop:
@@ -282,12 +315,16 @@ def _run(co: Coordinator, stop: threading.Event, status_every_s: float) -> int:
     rounds = load_config(resolved).federation.rounds
     print(f"run dir: {co.run_dir}", file=out)
     co.start_superlink()
-    print(f"SuperLink listening on {address} ({'insecure' if co.insecure else 'TLS, SuperNode authentication'})",
-          file=out)
+    print(
+        f"SuperLink listening on {address} ({'insecure' if co.insecure else 'TLS, SuperNode authentication'})", file=out
+    )
     co.sync_allow_list(force=True)
     if not co.insecure:
-        print(f"contributors join with: fedtune join --coordinator {address} --root-cert ca.pem "
-              f"(copy {co.run_dir / 'tls' / 'ca.pem'})", file=out)
+        print(
+            f"contributors join with: fedtune join --coordinator {address} --root-cert ca.pem "
+            f"(copy {co.run_dir / 'tls' / 'ca.pem'})",
+            file=out,
+        )
     co.stop_stale_runs()
     run_id = co.submit(resolved)
     print(f"campaign submitted as Flower run {run_id}; waiting for contributors", file=out, flush=True)
@@ -318,8 +355,11 @@ def _run(co: Coordinator, stop: threading.Event, status_every_s: float) -> int:
         time.sleep(2)
         status = co.run_status()
     if rounds not in printed:
-        print(f"error: run {run_id} ended ({status}) after round {max(printed, default=0)} of {rounds}; "
-              f"see {co.run_dir / 'superlink.log'}", file=sys.stderr)
+        print(
+            f"error: run {run_id} ended ({status}) after round {max(printed, default=0)} of {rounds}; "
+            f"see {co.run_dir / 'superlink.log'}",
+            file=sys.stderr,
+        )
         return 1
     print(f"campaign complete: adapter in {co.run_dir / 'adapter'}", file=out)
     return 0

@@ -12,8 +12,7 @@ from .app import make_server_app
 from .campaign import Reporter
 
 
-def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None,
-             verbose: bool = False) -> None:
+def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None, verbose: bool = False) -> None:
     """Run every round with ``[simulation] contributors`` virtual SuperNodes (Ray actors)."""
     from flwr.simulation import run_simulation
 
@@ -27,8 +26,17 @@ def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = N
     sim = cfg.simulation
     backend_config = {
         "client_resources": {"num_cpus": sim.cpus_per_contributor, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR" if not verbose else "INFO",
-                      "log_to_driver": verbose, "include_dashboard": False},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "ERROR" if not verbose else "INFO",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
     }
-    run_simulation(server_app=make_server_app(cfg, run_dir, reporter), client_app=client_app,
-                   num_supernodes=sim.contributors, backend_config=backend_config, verbose_logging=verbose)
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir, reporter),
+        client_app=client_app,
+        num_supernodes=sim.contributors,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )

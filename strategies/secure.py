@@ -92,8 +92,9 @@ REGISTRY_FILE = "secagg_identities.json"
 # -- coordinator -------------------------------------------------------------------------------------
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float, first_poll_s: float = 0.005,
-                     max_poll_s: float = 0.1) -> list[Message]:
+def send_and_receive(
+    grid: Grid, messages: list[Message], timeout: float, first_poll_s: float = 0.005, max_poll_s: float = 0.1
+) -> list[Message]:
     """``Grid.send_and_receive`` (same push, pull and timeout) polling from every 5 ms, backing off to 100 ms.
 
     Why: Flower's grids sleep a fixed interval between pulls (0.1 s in simulation, 3 s on the deployment
@@ -140,8 +141,10 @@ class IdentityRegistry:
         """Why ``key`` cannot be ``contributor``'s identity (another key is pinned), else None."""
         pinned = self._pins.get(contributor)
         if pinned is not None and bytes.fromhex(pinned["key"]) != key:
-            return (f"identity key of contributor {contributor} differs from the one pinned in round "
-                    f"{pinned['first_round']} ({self.path.name})")
+            return (
+                f"identity key of contributor {contributor} differs from the one pinned in round "
+                f"{pinned['first_round']} ({self.path.name})"
+            )
         return None
 
     def pin(self, contributor: str, key: bytes, server_round: int) -> None:
@@ -153,8 +156,7 @@ class IdentityRegistry:
     def save(self) -> None:
         """Write new pins (before any key is used in the round, so a crash cannot forget one)."""
         if self._dirty:
-            atomic_write_text(self.path, json.dumps({"version": 1, "identities": self._pins}, indent=1,
-                                                    sort_keys=True))
+            atomic_write_text(self.path, json.dumps({"version": 1, "identities": self._pins}, indent=1, sort_keys=True))
             self._dirty = False
 
 
@@ -231,8 +233,9 @@ class SecAggWorkflow:
         self.weight_max = float(fed.local_steps * fed.batch_size)  # largest num-examples the server assigns
         self.min_survivors = max(fed.min_cohort, cfg.secure_aggregation.min_cohort)
 
-    def run_round(self, grid: Grid, strategy: FedAvg, server_round: int, record: ArrayRecord,
-                  config: ConfigRecord) -> SecureRound:
+    def run_round(
+        self, grid: Grid, strategy: FedAvg, server_round: int, record: ArrayRecord, config: ConfigRecord
+    ) -> SecureRound:
         """Sample with the strategy, run the five stages, apply the strategy's server optimizer to the mean."""
         start = time.perf_counter()
         train_msgs = list(strategy.configure_train(server_round, record, config, grid))
@@ -245,14 +248,16 @@ class SecAggWorkflow:
                 raise SecAggAbort(f"cohort of {len(cohort)}, below the minimum {self.min_survivors}")
             k, t = round_degree(self.cfg, len(cohort))
             vector_len = sum(a.size for a in current.values()) + 1  # + the weight coordinate
-            params = SecAggParams.create(self.cfg.campaign.name, server_round, cohort, vector_len, self.quant,
-                                         neighbours=k, threshold=t)
+            params = SecAggParams.create(
+                self.cfg.campaign.name, server_round, cohort, vector_len, self.quant, neighbours=k, threshold=t
+            )
             server, registry = self._advertise(grid, server_round, params, train_msgs, track, result)
             self._protocol(grid, server_round, server, registry, track, result)
             agg = server.result()
             mean_delta, weight = decode_mean(agg.total, self.quant, len(agg.survivors))
-            result.arrays, result.train_metrics = self._server_step(strategy, server_round, current, mean_delta,
-                                                                    weight, track)
+            result.arrays, result.train_metrics = self._server_step(
+                strategy, server_round, current, mean_delta, weight, track
+            )
         except SecAggError as exc:
             result.abort_reason = str(exc)
             log.warning("round %d: secure aggregation aborted: %s; no update applied", server_round, exc)
@@ -267,13 +272,23 @@ class SecAggWorkflow:
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def _exchange(self, grid: Grid, server_round: int, stage: str, contents: Mapping[int, RecordDict],
-                  track: _Tracker, result: SecureRound) -> dict[int, Message]:
+    def _exchange(
+        self,
+        grid: Grid,
+        server_round: int,
+        stage: str,
+        contents: Mapping[int, RecordDict],
+        track: _Tracker,
+        result: SecureRound,
+    ) -> dict[int, Message]:
         """Send one stage's messages and return the non-error replies; everyone else is out."""
-        timeout = self.cfg.federation.round_timeout_s if stage == ADVERTISE else \
-            self.cfg.secure_aggregation.stage_timeout_s
-        messages = [Message(content=c, dst_node_id=node, message_type=message_type(stage), group_id=str(server_round))
-                    for node, c in contents.items()]
+        timeout = (
+            self.cfg.federation.round_timeout_s if stage == ADVERTISE else self.cfg.secure_aggregation.stage_timeout_s
+        )
+        messages = [
+            Message(content=c, dst_node_id=node, message_type=message_type(stage), group_id=str(server_round))
+            for node, c in contents.items()
+        ]
         got: dict[int, Message] = {}
         start = time.perf_counter()
         replies = send_and_receive(grid, messages, timeout)
@@ -303,15 +318,26 @@ class SecAggWorkflow:
             return False
         return True
 
-    def _advertise(self, grid: Grid, server_round: int, params: SecAggParams, train_msgs: list[Message],
-                   track: _Tracker, result: SecureRound) -> tuple[SecAggServer, dict[int, bytes]]:
+    def _advertise(
+        self,
+        grid: Grid,
+        server_round: int,
+        params: SecAggParams,
+        train_msgs: list[Message],
+        track: _Tracker,
+        result: SecureRound,
+    ) -> tuple[SecAggServer, dict[int, bytes]]:
         """Stage 1: adapter + round config + SecAgg+ parameters out; trained contributors' signed keys back.
 
         Identity keys are checked against the pinned registry before the protocol server sees them.
         """
         request = ConfigRecord({**SecAggServer(params, {}).advertise_request(), "weight_max": self.weight_max})
-        contents = {m.metadata.dst_node_id: RecordDict({**m.content.array_records, **m.content.config_records,
-                                                         SECAGG_RECORD: request}) for m in train_msgs}
+        contents = {
+            m.metadata.dst_node_id: RecordDict(
+                {**m.content.array_records, **m.content.config_records, SECAGG_RECORD: request}
+            )
+            for m in train_msgs
+        }
         replies = self._exchange(grid, server_round, ADVERTISE, contents, track, result)
         registry: dict[int, bytes] = {}
         claimed: dict[str, int] = {}
@@ -340,8 +366,15 @@ class SecAggWorkflow:
         self.registry.save()
         return server, registry
 
-    def _protocol(self, grid: Grid, server_round: int, server: SecAggServer, registry: Mapping[int, bytes],
-                  track: _Tracker, result: SecureRound) -> None:
+    def _protocol(
+        self,
+        grid: Grid,
+        server_round: int,
+        server: SecAggServer,
+        registry: Mapping[int, bytes],
+        track: _Tracker,
+        result: SecureRound,
+    ) -> None:
         """Stages 2-5. Raises SecAggAbort when too few remain (before anything is unmasked)."""
         active = {n for n in track.cohort if n not in track.fate}
         for stage in STAGES[1:]:
@@ -354,16 +387,23 @@ class SecAggWorkflow:
                 ids = sorted(requests)
                 keys = [registry[v] for v in ids]
                 requests = {u: {**r, "registry_ids": ids, "registry_keys": keys} for u, r in requests.items()}
-            replies = self._exchange(grid, server_round, stage, {u: to_content(r) for u, r in requests.items()},
-                                     track, result)
+            replies = self._exchange(
+                grid, server_round, stage, {u: to_content(r) for u, r in requests.items()}, track, result
+            )
             active = {u for u, reply in replies.items() if self._receive(server, stage, u, reply, track)}
             if stage == MASKED_INPUT:
                 track.masked = {u: replies[u] for u in sorted(active)}
                 result.bytes_up += sum(record_nbytes(replies[u].content[SECAGG_ARRAYS]) for u in active)
 
-    def _server_step(self, strategy: FedAvg, server_round: int, current: dict[str, np.ndarray],
-                     mean_delta: np.ndarray, weight: float, track: _Tracker) -> tuple[dict[str, np.ndarray],
-                                                                                       MetricRecord | None]:
+    def _server_step(
+        self,
+        strategy: FedAvg,
+        server_round: int,
+        current: dict[str, np.ndarray],
+        mean_delta: np.ndarray,
+        weight: float,
+        track: _Tracker,
+    ) -> tuple[dict[str, np.ndarray], MetricRecord | None]:
         """Averaged adapter = current + mean update, then the strategy's own step on that one "reply".
 
         FedAvg returns it as is; FedAdam/FedYogi/FedAvgM treat ``average − current`` as the pseudo-gradient,
@@ -373,13 +413,19 @@ class SecAggWorkflow:
         survivors = [m.content["metrics"] for m in track.masked.values()]
         total_examples = sum(float(m["num-examples"]) for m in survivors)
         train_loss = sum(float(m["num-examples"]) * float(m["train_loss"]) for m in survivors) / total_examples
-        reply = Message(content=RecordDict({
-            strategy.arrayrecord_key: arrays_to_record(averaged),
-            "metrics": MetricRecord({strategy.weighted_by_key: max(1, round(weight * self.weight_max)),
-                                     "train_loss": train_loss}),
-        }), dst_node_id=min(track.masked), message_type=MessageType.TRAIN)
+        reply = Message(
+            content=RecordDict(
+                {
+                    strategy.arrayrecord_key: arrays_to_record(averaged),
+                    "metrics": MetricRecord(
+                        {strategy.weighted_by_key: max(1, round(weight * self.weight_max)), "train_loss": train_loss}
+                    ),
+                }
+            ),
+            dst_node_id=min(track.masked),
+            message_type=MessageType.TRAIN,
+        )
         new_record, metrics = strategy.aggregate_train(server_round, [reply])
         if new_record is None:
             raise SecAggAbort("the server optimizer produced no aggregate")
         return arrays_from_record(new_record), metrics
-

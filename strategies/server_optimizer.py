@@ -32,8 +32,7 @@ def build_strategy(cfg: CampaignConfig, available: int) -> FedAvg:
     if fed.server_optimizer == "fedavg":
         return FedAvg(**common)
     if fed.server_optimizer == "fedavgm":
-        return FedAvgM(**common, server_learning_rate=fed.server_learning_rate,
-                       server_momentum=fed.server_momentum)
+        return FedAvgM(**common, server_learning_rate=fed.server_learning_rate, server_momentum=fed.server_momentum)
     opt_cls = FedAdam if fed.server_optimizer == "fedadam" else FedYogi
     return opt_cls(**common, eta=fed.server_learning_rate, eta_l=fed.learning_rate)
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: small campaign files that point at the repo's quickstart data and the tiny model."""
+"""Shared fixtures: small campaign files that point at the repo's quickstart data and the tiny model.
+
+Two tiers: ``tests/unit`` (fast, the edit-test loop: ``python -m pytest -q tests/unit``) and ``tests/e2e``
+(whole campaigns, simulated and deployed on loopback), marked ``e2e`` here. CI runs both.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,14 @@ def small_campaign(**sections: dict) -> dict:
         "model": {"name": "builtin:tiny-llama"},
         "lora": {"mode": "ffa", "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
         "data": {"source": str(DATA), "max_seq_len": 64, "eval_fraction": 0.05, "eval_max_examples": 32},
-        "federation": {"rounds": 2, "contributors_per_round": 3, "min_cohort": 2, "local_steps": 3,
-                       "batch_size": 4, "learning_rate": 0.01},
+        "federation": {
+            "rounds": 2,
+            "contributors_per_round": 3,
+            "min_cohort": 2,
+            "local_steps": 3,
+            "batch_size": 4,
+            "learning_rate": 0.01,
+        },
         "simulation": {"contributors": 3},
     }
     for name, values in sections.items():
@@ -39,3 +49,11 @@ def write_campaign(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under ``tests/e2e`` is the end-to-end tier (``-m "not e2e"`` skips it)."""
+    e2e = Path(__file__).resolve().parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)

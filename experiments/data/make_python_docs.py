@@ -13,13 +13,69 @@ import json
 from pathlib import Path
 
 MODULES = [
-    "argparse", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv", "datetime",
-    "decimal", "difflib", "email.message", "enum", "fnmatch", "fractions", "functools", "glob", "gzip",
-    "hashlib", "heapq", "hmac", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json",
-    "logging", "math", "mimetypes", "operator", "os", "os.path", "pathlib", "pickle", "pprint", "queue",
-    "random", "re", "secrets", "shlex", "shutil", "socket", "sqlite3", "statistics", "string", "struct",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "typing", "unittest",
-    "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib",
+    "argparse",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "copy",
+    "csv",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.message",
+    "enum",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "http.client",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "mimetypes",
+    "operator",
+    "os",
+    "os.path",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "secrets",
+    "shlex",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "warnings",
+    "weakref",
+    "zipfile",
+    "zlib",
 ]
 
 
@@ -33,13 +89,13 @@ def records() -> list[dict[str, str]]:
     for mod_name in MODULES:
         mod = importlib.import_module(mod_name)
         for name, obj in sorted(vars(mod).items()):
-            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)
-                                            or inspect.isbuiltin(obj)):
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
                 continue
             members = [(name, obj)]
             if inspect.isclass(obj):
-                members += [(f"{name}.{m}", f) for m, f in sorted(vars(obj).items())
-                            if not m.startswith("_") and callable(f)]
+                members += [
+                    (f"{name}.{m}", f) for m, f in sorted(vars(obj).items()) if not m.startswith("_") and callable(f)
+                ]
             for qual, fn in members:
                 doc = inspect.getdoc(fn)
                 key = f"{mod_name}.{qual}"

@@ -14,12 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from rich.console import Console
-
 from fedtune.credit.formula import CREDIT_UNIT, RAC_HALF_LIFE
-from fedtune.credit.leaderboard import credits_payload, render_leaderboard
-from fedtune.credit.ledger import LEDGER_FILENAME, Ledger, redact, resolve_url, utc_now
+from fedtune.rundir import LEDGER_FILENAME
 
 
 def _aware_time(text: str) -> datetime:
@@ -32,15 +28,11 @@ def _aware_time(text: str) -> datetime:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run-dir", type=Path, help=f"run directory holding {LEDGER_FILENAME}")
-    source.add_argument(
-        "--db", metavar="URL", help="SQLAlchemy URL of the ledger (e.g. postgresql+psycopg://…)"
-    )
+    source.add_argument("--db", metavar="URL", help="SQLAlchemy URL of the ledger (e.g. postgresql+psycopg://…)")
     parser.add_argument("--campaign", help="only this campaign (default: all in the ledger)")
     parser.add_argument("--top", type=int, metavar="N", help="show the N best contributors only")
     parser.add_argument("--json", action="store_true", help="print JSON (schema in fedtune.credit.leaderboard)")
-    parser.add_argument(
-        "--as-of", type=_aware_time, metavar="ISO8601", help="decay RAC to this time (default: now)"
-    )
+    parser.add_argument("--as-of", type=_aware_time, metavar="ISO8601", help="decay RAC to this time (default: now)")
 
 
 def add_credits_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -58,6 +50,12 @@ def add_credits_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_credits(args: argparse.Namespace) -> int:
     """Print the leaderboard for ``args`` (from :func:`add_credits_parser`); return the exit status."""
+    import sqlalchemy as sa
+    from rich.console import Console
+
+    from fedtune.credit.leaderboard import credits_payload, render_leaderboard
+    from fedtune.credit.ledger import Ledger, redact, resolve_url, utc_now
+
     if args.db is None and args.run_dir is None:
         print("fedtune credits: give --run-dir DIR or --db URL", file=sys.stderr)
         return 2

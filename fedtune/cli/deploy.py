@@ -21,12 +21,23 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     from fedtune.clients.join import JoinOptions, run_join
 
-    opts = JoinOptions(coordinator=args.coordinator, state_dir=Path(args.state_dir), gpu=args.gpu,
-                       data=Path(args.data) if args.data else None,
-                       root_cert=Path(args.root_cert) if args.root_cert else None, name=args.name or "",
-                       team=args.team or "", max_epsilon=args.max_epsilon, insecure=args.insecure, port=args.port,
-                       partition_id=args.partition_id, num_partitions=args.num_partitions,
-                       benchmark_s=args.benchmark_seconds, enrol_wait_s=args.enrol_wait, verbose=args.verbose)
+    opts = JoinOptions(
+        coordinator=args.coordinator,
+        state_dir=Path(args.state_dir),
+        gpu=args.gpu,
+        data=Path(args.data) if args.data else None,
+        root_cert=Path(args.root_cert) if args.root_cert else None,
+        name=args.name or "",
+        team=args.team or "",
+        max_epsilon=args.max_epsilon,
+        insecure=args.insecure,
+        port=args.port,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        benchmark_s=args.benchmark_seconds,
+        enrol_wait_s=args.enrol_wait,
+        verbose=args.verbose,
+    )
     return run_join(opts)
 
 
@@ -38,8 +49,10 @@ def cmd_approve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {args.keyfile}: {exc}", file=sys.stderr)
         return 2
-    print(f"approved {entry.name} in {Path(args.run_dir) / 'contributors.allow'} "
-          f"(a running coordinator registers it within seconds)")
+    print(
+        f"approved {entry.name} in {Path(args.run_dir) / 'contributors.allow'} "
+        f"(a running coordinator registers it within seconds)"
+    )
     return 0
 
 
@@ -53,8 +66,11 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``coordinate``, ``join``, ``approve`` and ``doctor`` on ``fedtune``'s sub-commands."""
     co = sub.add_parser("coordinate", help="run a campaign across contributors' machines (Flower SuperLink)")
     co.add_argument("config", help="campaign TOML file, e.g. experiments/quickstart.toml")
-    co.add_argument("--address", default="127.0.0.1:9092",
-                    help="HOST:PORT contributors dial (the TLS certificate covers HOST; default 127.0.0.1:9092)")
+    co.add_argument(
+        "--address",
+        default="127.0.0.1:9092",
+        help="HOST:PORT contributors dial (the TLS certificate covers HOST; default 127.0.0.1:9092)",
+    )
     co.add_argument("--bind", help="interface to listen on (default: HOST if loopback, else 0.0.0.0)")
     co.add_argument("--run-dir", help="run dir (default: [campaign] run_dir); an existing one is resumed")
     co.add_argument("--insecure", action="store_true", help="no TLS and no contributor authentication (testing only)")
@@ -64,8 +80,11 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     jo.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     jo.add_argument("--gpu", type=int, help="CUDA device index to contribute (default: CPU)")
     jo.add_argument("--data", help="folder or file with this contributor's own training data")
-    jo.add_argument("--state-dir", default=str(Path("~/.fedtune/contributor").expanduser()),
-                    help="keys, privacy budget and round log (default ~/.fedtune/contributor)")
+    jo.add_argument(
+        "--state-dir",
+        default=str(Path("~/.fedtune/contributor").expanduser()),
+        help="keys, privacy budget and round log (default ~/.fedtune/contributor)",
+    )
     jo.add_argument("--root-cert", help="the coordinator's CA certificate (ca.pem)")
     jo.add_argument("--name", help="display name in the credit ledger")
     jo.add_argument("--team", help="team name in the credit ledger")
@@ -75,8 +94,12 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     jo.add_argument("--partition-id", type=int, default=0, help=argparse.SUPPRESS)
     jo.add_argument("--num-partitions", type=int, default=1, help=argparse.SUPPRESS)
     jo.add_argument("--benchmark-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
-    jo.add_argument("--enrol-wait", type=float, default=600.0,
-                    help="seconds to keep retrying while the coordinator has not approved the key (default 600)")
+    jo.add_argument(
+        "--enrol-wait",
+        type=float,
+        default=600.0,
+        help="seconds to keep retrying while the coordinator has not approved the key (default 600)",
+    )
     jo.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
     jo.set_defaults(func=cmd_join)
 
@@ -90,4 +113,3 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     do.add_argument("--coordinator", help="HOST:PORT to test a TCP connection to")
     do.add_argument("--gpu", type=int, help="CUDA device index that join would use")
     do.set_defaults(func=cmd_doctor)
-

@@ -20,14 +20,21 @@ class _ProgressReporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
         self.task = None
 
     def on_start(self, cfg: CampaignConfig, row0: dict[str, Any]) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(f"campaign {cfg.campaign.name}", total=cfg.federation.rounds,
-                                           status=f"eval loss {row0['eval_loss']:.4f}")
+        self.task = self.progress.add_task(
+            f"campaign {cfg.campaign.name}", total=cfg.federation.rounds, status=f"eval loss {row0['eval_loss']:.4f}"
+        )
 
     def on_round(self, row: dict[str, Any]) -> None:
         line = campaign_round_line(row)
@@ -43,21 +50,39 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title=f"fedtune run {run_dir}")
-    for col in ("round", "eval loss", "perplexity", "train loss", "contributors", "declined", "up MB", "down MB",
-                "wall s"):
+    for col in (
+        "round",
+        "eval loss",
+        "perplexity",
+        "train loss",
+        "contributors",
+        "declined",
+        "up MB",
+        "down MB",
+        "wall s",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         train = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
-        table.add_row(str(r["round"]), f"{r['eval_loss']:.4f}", f"{r['perplexity']:.2f}", train,
-                      str(r["participants"]), str(r["declined"]), f"{r['bytes_up'] / 1e6:.3f}",
-                      f"{r['bytes_down'] / 1e6:.3f}", f"{r['wall_s']:.1f}")
+        table.add_row(
+            str(r["round"]),
+            f"{r['eval_loss']:.4f}",
+            f"{r['perplexity']:.2f}",
+            train,
+            str(r["participants"]),
+            str(r["declined"]),
+            f"{r['bytes_up'] / 1e6:.3f}",
+            f"{r['bytes_down'] / 1e6:.3f}",
+            f"{r['wall_s']:.1f}",
+        )
     console = Console()
     console.print(table)
     _top_contributors(console, run_dir)
     if len(rows) > 1:
         first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
-        console.print(f"eval loss {first:.4f} -> {last:.4f} (down {(first - last) / first:.1%}); "
-                      f"adapter: {run_dir / 'adapter'}")
+        console.print(
+            f"eval loss {first:.4f} -> {last:.4f} (down {(first - last) / first:.1%}); adapter: {run_dir / 'adapter'}"
+        )
 
 
 def _top_contributors(console: Any, run_dir: Path, n: int = 5) -> None:
@@ -111,8 +136,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         reporter.close()
     rows = run_dir.read_metrics()
     if len(rows) != cfg.federation.rounds + 1:
-        print(f"error: the campaign stopped after round {len(rows) - 1} of {cfg.federation.rounds}; "
-              f"see the log above", file=sys.stderr)
+        print(
+            f"error: the campaign stopped after round {len(rows) - 1} of {cfg.federation.rounds}; see the log above",
+            file=sys.stderr,
+        )
         return 1
     _summary(run_dir.root, rows)
     return 0
@@ -125,7 +152,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--run-dir", help="where to write the run (default: [campaign] run_dir)")
     sim.add_argument("--rounds", type=int, help="override [federation] rounds")
     sim.add_argument("--contributors", type=int, help="override [simulation] contributors")
-    sim.add_argument("--resume", action="store_true",
-                     help="carry on an interrupted run in --run-dir from its last completed round")
+    sim.add_argument(
+        "--resume", action="store_true", help="carry on an interrupted run in --run-dir from its last completed round"
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)

@@ -40,8 +40,8 @@ from fedtune.credit.formula import (
     rac_weight,
     round_credit,
 )
+from fedtune.rundir import LEDGER_FILENAME
 
-LEDGER_FILENAME = "ledger.sqlite"
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 
 Status = Literal["included", "declined", "dropped", "failed"]
@@ -412,9 +412,7 @@ class Ledger:
         ids = {entry.contributor_id for entry in entries}
         with self._sessions.begin() as session:
             found = session.execute(
-                sa.select(ContributorRow.id, ContributorRow.declared_peak_flops).where(
-                    ContributorRow.id.in_(ids)
-                )
+                sa.select(ContributorRow.id, ContributorRow.declared_peak_flops).where(ContributorRow.id.in_(ids))
             )
             peaks = {cid: peak for cid, peak in found}
             unknown = sorted(ids - peaks.keys())
@@ -429,9 +427,7 @@ class Ledger:
 
     def round_recorded(self, campaign: str, round: int) -> bool:
         """Whether any outcome of this round is in the ledger (the coordinator checks before replaying)."""
-        stmt = sa.select(
-            sa.exists().where(RoundCreditRow.campaign == campaign, RoundCreditRow.round == round)
-        )
+        stmt = sa.select(sa.exists().where(RoundCreditRow.campaign == campaign, RoundCreditRow.round == round))
         with self._sessions() as session:
             return bool(session.scalar(stmt))
 

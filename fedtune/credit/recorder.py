@@ -33,7 +33,7 @@ class CreditKeeper:
         for o in outcomes:
             who = contributor_of(o.reply) if o.reply is not None else None
             if who is not None:
-                self.known[o.node_id] = who
+                self.known[o.node_id] = Contributor(who.id, who.name, who.team, who.declared_peak_flops)
             elif o.node_id not in self.known:
                 self.known[o.node_id] = Contributor(id=f"node-{o.node_id}", name=f"node-{o.node_id}")
         self.ledger.register_contributors({self.known[o.node_id].id: self.known[o.node_id] for o in outcomes}.values())
@@ -41,9 +41,17 @@ class CreditKeeper:
         entries = []
         for o in outcomes:
             wall = float(o.reply.content["metrics"]["wall_s"]) if o.status == "included" and o.reply else None
-            entries.append(RoundEntry(contributor_id=self.known[o.node_id].id, status=o.status,
-                                      assigned_examples=examples, assigned_tokens=tokens,
-                                      reported_wall_s=wall, reason=o.reason))
-        written = self.ledger.record_round(self.cfg.campaign.name, server_round, entries,
-                                           flops_per_token=self.flops_per_token)
+            entries.append(
+                RoundEntry(
+                    contributor_id=self.known[o.node_id].id,
+                    status=o.status,
+                    assigned_examples=examples,
+                    assigned_tokens=tokens,
+                    reported_wall_s=wall,
+                    reason=o.reason,
+                )
+            )
+        written = self.ledger.record_round(
+            self.cfg.campaign.name, server_round, entries, flops_per_token=self.flops_per_token
+        )
         return len(written)

@@ -29,6 +29,7 @@ the coordinator guards ``serverapp``)."""
 CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyd", ".pyw", ".so", ".dylib", ".dll", ".pth"})
 """Files in a bundle that Python could import or execute."""
 
+
 class BundleRefused(Exception):
     """An app bundle that a contributor will not run."""
 
@@ -74,8 +75,9 @@ def verify_fab(fab: bytes, role: str = "clientapp") -> dict[str, Any]:
             raise BundleRefused(f"app bundle's pyproject.toml is invalid: {exc}") from None
         component = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get(role)
         if component != COMPONENTS[role]:
-            raise BundleRefused(f"app bundle names {role} {component!r}; fedtune only runs the installed "
-                                f"{COMPONENTS[role]}")
+            raise BundleRefused(
+                f"app bundle names {role} {component!r}; fedtune only runs the installed {COMPONENTS[role]}"
+            )
         for name in names:
             path = PurePosixPath(name)
             if path.parts[0] == ".info" or path.suffix.lower() not in CODE_SUFFIXES:
@@ -141,7 +143,11 @@ def write_shim(bin_dir: Path, role: str = "clientapp") -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     command = f"flwr-{role}"
     shim = bin_dir / command
-    shim.write_text(SHIM_TEMPLATE.format(python=sys.executable, command=command, module=SHIM_ENTRIES[role],
-                                         entry=f"guarded_{role}"), encoding="utf-8")
+    shim.write_text(
+        SHIM_TEMPLATE.format(
+            python=sys.executable, command=command, module=SHIM_ENTRIES[role], entry=f"guarded_{role}"
+        ),
+        encoding="utf-8",
+    )
     shim.chmod(0o755)
     return shim

@@ -19,8 +19,19 @@ from pathlib import Path
 from typing import TextIO
 
 FLWR_VERSION = "1.42.0"
-MODULES = ("fedtune.config", "fedtune.clients.app", "fedtune.server.app", "fedtune.clients.join",
-           "fedtune.server.coordinator", "flwr", "torch", "transformers", "peft", "opacus", "cryptography")
+MODULES = (
+    "fedtune.config",
+    "fedtune.clients.app",
+    "fedtune.server.app",
+    "fedtune.clients.join",
+    "fedtune.server.coordinator",
+    "flwr",
+    "torch",
+    "transformers",
+    "peft",
+    "opacus",
+    "cryptography",
+)
 EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-clientapp")
 
 
@@ -46,8 +57,14 @@ def check_imports() -> list[Check]:
             importlib.import_module(name)
             out.append(Check(f"import {name}", True))
         except Exception as exc:  # noqa: BLE001 - any import failure is a finding, not a crash
-            out.append(Check(f"import {name}", False, f"{type(exc).__name__}: {exc}",
-                             "pip install -e . (from the fedtune checkout) or pip install fedtune"))
+            out.append(
+                Check(
+                    f"import {name}",
+                    False,
+                    f"{type(exc).__name__}: {exc}",
+                    "pip install -e . (from the fedtune checkout) or pip install fedtune",
+                )
+            )
     return out
 
 
@@ -55,9 +72,16 @@ def check_versions() -> list[Check]:
     out = []
     try:
         flwr = importlib.metadata.version("flwr")
-        out.append(Check("flwr version", flwr == FLWR_VERSION, flwr,
-                         "" if flwr == FLWR_VERSION else f"pip install 'flwr[simulation]=={FLWR_VERSION}' "
-                                                        "(the contributor's code guard is written for it)"))
+        out.append(
+            Check(
+                "flwr version",
+                flwr == FLWR_VERSION,
+                flwr,
+                ""
+                if flwr == FLWR_VERSION
+                else f"pip install 'flwr[simulation]=={FLWR_VERSION}' (the contributor's code guard is written for it)",
+            )
+        )
     except importlib.metadata.PackageNotFoundError:
         out.append(Check("flwr version", False, "not installed", f"pip install 'flwr[simulation]=={FLWR_VERSION}'"))
     try:
@@ -69,9 +93,15 @@ def check_versions() -> list[Check]:
 
 def check_executables() -> list[Check]:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return [Check(f"executable {exe}", shutil.which(exe, path=path) is not None, shutil.which(exe, path=path) or "",
-                  f"reinstall flwr in this environment: pip install --force-reinstall 'flwr=={FLWR_VERSION}'")
-            for exe in EXECUTABLES]
+    return [
+        Check(
+            f"executable {exe}",
+            shutil.which(exe, path=path) is not None,
+            shutil.which(exe, path=path) or "",
+            f"reinstall flwr in this environment: pip install --force-reinstall 'flwr=={FLWR_VERSION}'",
+        )
+        for exe in EXECUTABLES
+    ]
 
 
 def check_torch(gpu: int | None) -> list[Check]:
@@ -86,16 +116,30 @@ def check_torch(gpu: int | None) -> list[Check]:
         out.append(Check("GPU", True, f"{count} CUDA device(s) visible" if cuda else "none visible; join uses the CPU"))
         return out
     if not cuda:
-        fix = ("install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu124)"
-               if not torch.version.cuda else "check the NVIDIA driver with nvidia-smi, and CUDA_VISIBLE_DEVICES")
+        fix = (
+            "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu124)"
+            if not torch.version.cuda
+            else "check the NVIDIA driver with nvidia-smi, and CUDA_VISIBLE_DEVICES"
+        )
         out.append(Check(f"GPU {gpu}", False, "CUDA not available to torch", fix))
     elif gpu >= count:
-        out.append(Check(f"GPU {gpu}", False, f"only {count} device(s) visible",
-                         f"pass --gpu between 0 and {count - 1}, or check CUDA_VISIBLE_DEVICES"))
+        out.append(
+            Check(
+                f"GPU {gpu}",
+                False,
+                f"only {count} device(s) visible",
+                f"pass --gpu between 0 and {count - 1}, or check CUDA_VISIBLE_DEVICES",
+            )
+        )
     else:
         props = torch.cuda.get_device_properties(gpu)
-        out.append(Check(f"GPU {gpu}", True, f"{props.name}, {props.total_memory / 2**30:.1f} GiB, "
-                                             f"compute {props.major}.{props.minor}"))
+        out.append(
+            Check(
+                f"GPU {gpu}",
+                True,
+                f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute {props.major}.{props.minor}",
+            )
+        )
     return out
 
 
@@ -107,15 +151,24 @@ def check_coordinator(address: str, timeout_s: float = 5.0) -> Check:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return Check(f"coordinator {address}", True, "TCP connection accepted")
     except OSError as exc:
-        return Check(f"coordinator {address}", False, str(exc),
-                     "check the address with the coordinator, that `fedtune coordinate` is running, and that "
-                     "the port is open in their firewall (and not blocked by yours)")
+        return Check(
+            f"coordinator {address}",
+            False,
+            str(exc),
+            "check the address with the coordinator, that `fedtune coordinate` is running, and that "
+            "the port is open in their firewall (and not blocked by yours)",
+        )
 
 
 def run_doctor(coordinator: str | None = None, gpu: int | None = None, out: TextIO = sys.stdout) -> int:
     """Run every check, print the results, return 1 if any failed."""
-    steps: list[Callable[[], Check | list[Check]]] = [check_python, check_imports, check_versions,
-                                                      check_executables, lambda: check_torch(gpu)]
+    steps: list[Callable[[], Check | list[Check]]] = [
+        check_python,
+        check_imports,
+        check_versions,
+        check_executables,
+        lambda: check_torch(gpu),
+    ]
     if coordinator:
         steps.append(lambda: check_coordinator(coordinator))
     failed = 0

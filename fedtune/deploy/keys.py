@@ -28,6 +28,7 @@ ALLOW_HEADER = """\
 # coordinator registers new lines within seconds.
 """
 
+
 @dataclass(frozen=True)
 class ContributorKeys:
     """A contributor's keys: the SuperNode auth key pair (P-384) and the long-term identity (Ed25519)."""
@@ -59,8 +60,9 @@ def ensure_keys(state_dir: Path, name: str = "") -> ContributorKeys:
     ident = state_dir / "identity.key"
     if not auth_private.exists():
         key = ec.generate_private_key(ec.SECP384R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
         atomic_write_bytes(auth_private, pem, mode=0o600)
     loaded = serialization.load_ssh_private_key(auth_private.read_bytes(), password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp384r1":
@@ -70,7 +72,8 @@ def ensure_keys(state_dir: Path, name: str = "") -> ContributorKeys:
     atomic_write_text(auth_public, f"{line} {comment}\n")
     if not ident.exists():
         pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         atomic_write_bytes(ident, pem, mode=0o600)
     identity = load_identity_key(state_dir)
     return ContributorKeys(auth_private, auth_public, ident, f"{line} {comment}", contributor_id(identity.public_key()))

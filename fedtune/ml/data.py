@@ -39,15 +39,15 @@ def load_raw(data: DataSection) -> Dataset:
         needed = ["text"]
     missing = [f for f in needed if f not in ds.column_names]
     if missing:
-        raise DataError(f"{data.source}: [data] {data.format} format needs field(s) {missing}, "
-                        f"found columns {ds.column_names}")
+        raise DataError(
+            f"{data.source}: [data] {data.format} format needs field(s) {missing}, found columns {ds.column_names}"
+        )
     return ds
 
 
 def render(data: DataSection, row: dict) -> str:
     if data.format == "instruction":
-        return INSTRUCTION_TEMPLATE.format(instruction=row[data.instruction_field],
-                                           response=row[data.response_field])
+        return INSTRUCTION_TEMPLATE.format(instruction=row[data.instruction_field], response=row[data.response_field])
     return row[data.text_field if data.text_field in row else "text"]
 
 
@@ -56,13 +56,16 @@ def split_eval(cfg: CampaignConfig, ds: Dataset) -> tuple[Dataset, Dataset]:
     ds = ds.shuffle(seed=cfg.campaign.seed)
     n_eval = max(1, min(cfg.data.eval_max_examples, int(len(ds) * cfg.data.eval_fraction)))
     if len(ds) - n_eval < cfg.simulation.contributors:
-        raise DataError(f"{cfg.data.source}: {len(ds)} examples is too few for an eval split of {n_eval} "
-                        f"and {cfg.simulation.contributors} contributors")
+        raise DataError(
+            f"{cfg.data.source}: {len(ds)} examples is too few for an eval split of {n_eval} "
+            f"and {cfg.simulation.contributors} contributors"
+        )
     return ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
 
 
-def partition(cfg: CampaignConfig, pool: Dataset, partition_id: int, num_partitions: int,
-              partition_by: str | None = None) -> Dataset:
+def partition(
+    cfg: CampaignConfig, pool: Dataset, partition_id: int, num_partitions: int, partition_by: str | None = None
+) -> Dataset:
     """One virtual contributor's shard, cut by ``flwr-datasets`` partitioners."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -71,9 +74,13 @@ def partition(cfg: CampaignConfig, pool: Dataset, partition_id: int, num_partiti
         partitioner = IidPartitioner(num_partitions=num_partitions)
     else:
         key = partition_by or _label_column(cfg, pool)
-        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by=key,
-                                           alpha=sim.dirichlet_alpha, min_partition_size=1,
-                                           seed=cfg.campaign.seed)
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=key,
+            alpha=sim.dirichlet_alpha,
+            min_partition_size=1,
+            seed=cfg.campaign.seed,
+        )
     partitioner.dataset = pool
     return partitioner.load_partition(partition_id)
 
@@ -84,8 +91,10 @@ def _label_column(cfg: CampaignConfig, pool: Dataset) -> str:
     for name in pool.column_names:
         if name not in text_cols:
             return name
-    raise DataError(f"{cfg.data.source}: the dirichlet partitioner needs a label column besides the text; "
-                    f"found only {pool.column_names}")
+    raise DataError(
+        f"{cfg.data.source}: the dirichlet partitioner needs a label column besides the text; "
+        f"found only {pool.column_names}"
+    )
 
 
 @dataclass

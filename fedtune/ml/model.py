@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from fedtune.config import WEIGHT_FILES, CampaignConfig, LoraSection, ModelSection
-from fedtune.ml.tiny import builtin_path, is_builtin
+from fedtune.config import WEIGHT_FILES, CampaignConfig, LoraSection, ModelSection, is_builtin
+from fedtune.ml.tiny import builtin_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,8 +35,11 @@ def resolve_model_dir(model: ModelSection) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model.name, revision=model.revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    return Path(
+        snapshot_download(
+            model.name, revision=model.revision, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+        )
+    )
 
 
 def load_base(model: ModelSection, device: str | torch.device = "cpu"):  # -> (PreTrainedModel, tokenizer)
@@ -73,7 +76,8 @@ def base_fingerprint(model: ModelSection) -> str:
     """SHA-256 over the base's config and weight files (names and contents), cached per file stamp."""
     path = resolve_model_dir(model)
     names = ["config.json"] + sorted(
-        p.name for p in path.iterdir()
+        p.name
+        for p in path.iterdir()
         if p.name in WEIGHT_FILES or (p.suffix in (".safetensors", ".bin") and p.name.startswith("model"))
     )
     stamp = tuple((n, (path / n).stat().st_size, (path / n).stat().st_mtime_ns) for n in dict.fromkeys(names))
@@ -116,8 +120,14 @@ def derive_lora_a(peft_model: PeftModel, seed: int) -> None:
 
 
 def lora_config(lora: LoraSection) -> LoraConfig:
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def attach_lora(base, lora: LoraSection, seed: int) -> PeftModel:

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-BUILTIN_PREFIX = "builtin:"
 TINY_LLAMA = "builtin:tiny-llama"
 _BUILD_VERSION = "1"
 
@@ -22,10 +21,6 @@ _BUILD_VERSION = "1"
 def cache_root() -> Path:
     """Where built-in models live: ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``."""
     return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
-
-
-def is_builtin(name: str) -> bool:
-    return name.startswith(BUILTIN_PREFIX)
 
 
 def builtin_path(name: str) -> Path:

@@ -52,8 +52,12 @@ def check_setup(cfg: CampaignConfig) -> None:
     """
     sec, n, src = cfg.secure_aggregation, cfg.federation.contributors_per_round, cfg.source_file or "<campaign>"
     if n < sec.min_cohort:
-        raise ConfigError(src, "[federation] contributors_per_round",
-                          f"at least [secure_aggregation] min_cohort ({sec.min_cohort}) for secure aggregation", n)
+        raise ConfigError(
+            src,
+            "[federation] contributors_per_round",
+            f"at least [secure_aggregation] min_cohort ({sec.min_cohort}) for secure aggregation",
+            n,
+        )
     try:
         check_no_overflow(n, sec.bits)
     except ValueError as exc:
@@ -61,9 +65,12 @@ def check_setup(cfg: CampaignConfig) -> None:
     k, t = round_degree(cfg, n)
     degree = effective_degree(n, k)
     if not degree / 2 < t <= degree:
-        raise ConfigError(src, "[secure_aggregation] threshold",
-                          f"a threshold t with {degree}/2 < t <= {degree} (the neighbour degree for a cohort of {n})",
-                          sec.threshold)
+        raise ConfigError(
+            src,
+            "[secure_aggregation] threshold",
+            f"a threshold t with {degree}/2 < t <= {degree} (the neighbour degree for a cohort of {n})",
+            sec.threshold,
+        )
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -83,8 +90,9 @@ def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, n
     return out
 
 
-def encode_update(start: Mapping[str, np.ndarray], end: Mapping[str, np.ndarray], weight_ratio: float,
-                  clip: float) -> np.ndarray:
+def encode_update(
+    start: Mapping[str, np.ndarray], end: Mapping[str, np.ndarray], weight_ratio: float, clip: float
+) -> np.ndarray:
     """The float vector a contributor masks: ``[r · clip(end − start, ±c), r · c]``."""
     if not 0 < weight_ratio <= 1:
         raise ValueError(f"weight ratio must be in (0, 1], got {weight_ratio}")
@@ -116,5 +124,3 @@ def from_content(content: RecordDict) -> dict[str, Any]:
     if SECAGG_ARRAYS in content.array_records:
         msg.update({k: a.numpy() for k, a in content[SECAGG_ARRAYS].items()})
     return msg
-
-

@@ -160,9 +160,7 @@ class SecAggParams:
         object.__setattr__(self, "_points", {c: i + 1 for i, c in enumerate(cohort)})
         body = self.to_message()
         body["graph_seed"] = self.graph_seed.hex()
-        object.__setattr__(
-            self, "_digest", hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
-        )
+        object.__setattr__(self, "_digest", hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest())
 
     @property
     def degree(self) -> int:
@@ -175,9 +173,7 @@ class SecAggParams:
         n, half = len(order), self.degree // 2
         if self.degree == n - 1:
             return {c: frozenset(order) - {c} for c in order}
-        return {
-            c: frozenset(order[(i + d) % n] for d in range(-half, half + 1) if d) for i, c in enumerate(order)
-        }
+        return {c: frozenset(order[(i + d) % n] for d in range(-half, half + 1) if d) for i, c in enumerate(order)}
 
     def neighbours_of(self, client_id: int) -> frozenset[int]:
         """The clients that ``client_id`` masks with and that hold its shares."""
@@ -302,9 +298,7 @@ def _check_header(msg: Mapping[str, Any], params: SecAggParams, stage: str) -> N
     """Reject messages of another campaign, round or stage before looking at their body."""
     got = (msg.get("campaign_id"), msg.get("round"), msg.get("stage"))
     if got != (params.campaign_id, params.round_id, stage):
-        raise SecAggProtocolError(
-            f"expected ({params.campaign_id!r}, round {params.round_id}, {stage!r}), got {got!r}"
-        )
+        raise SecAggProtocolError(f"expected ({params.campaign_id!r}, round {params.round_id}, {stage!r}), got {got!r}")
 
 
 def _paired(msg: Mapping[str, Any], *keys: str) -> list[tuple[Any, ...]]:
@@ -430,9 +424,7 @@ class SecAggClient:
         peers = _paired(state, "peer_ids", "peer_c_pk", "peer_s_pk")
         client._peer_keys = {int(v): (bytes(c), bytes(s)) for v, c, s in peers}
         client._b_seed = bytes(state["b_seed"]) or None
-        client._held = {
-            int(v): (bytes(b), bytes(s)) for v, b, s in _paired(state, "held_ids", "held_b", "held_s")
-        }
+        client._held = {int(v): (bytes(b), bytes(s)) for v, b, s in _paired(state, "held_ids", "held_b", "held_s")}
         client._survivors = tuple(int(v) for v in state["survivors"]) or None
         client._revealed_b = {int(v) for v in state["revealed_b"]}
         client._revealed_s = {int(v) for v in state["revealed_s"]}
@@ -586,9 +578,7 @@ class SecAggClient:
         if survivors != self._survivors:
             raise SecAggProtocolError("survivor set differs from the one committed in the consistency check")
         if dropped & set(survivors):
-            raise SecAggProtocolError(
-                f"refusing to reveal both shares of clients {sorted(dropped & set(survivors))}"
-            )
+            raise SecAggProtocolError(f"refusing to reveal both shares of clients {sorted(dropped & set(survivors))}")
         valid = set()
         for signer, sig in _paired(msg, "signer_ids", "signatures"):
             signer = int(signer)
@@ -732,9 +722,7 @@ class SecAggServer:
         expected = self.params.neighbours_of(sender) & self._keys.keys()
         pairs = [(int(v), bytes(ct)) for v, ct in _paired(msg, "dst", "ciphertext")]
         if {v for v, _ in pairs} != expected or len(pairs) != len(expected):
-            raise SecAggProtocolError(
-                f"client {sender} must send one ciphertext to each advertising neighbour"
-            )
+            raise SecAggProtocolError(f"client {sender} must send one ciphertext to each advertising neighbour")
         for v, ct in pairs:
             self._inbox.setdefault(v, {})[sender] = ct
         self._shared.add(sender)
@@ -810,9 +798,7 @@ class SecAggServer:
     def _reconstruct(self, store: Mapping[int, Mapping[int, bytes]], owner: int, kind: str) -> bytes:
         shares = store.get(owner, {})
         if len(shares) < self.params.threshold:
-            raise SecAggAbort(
-                f"{len(shares)} {kind}-shares of client {owner}, threshold {self.params.threshold}"
-            )
+            raise SecAggAbort(f"{len(shares)} {kind}-shares of client {owner}, threshold {self.params.threshold}")
         try:
             return shamir.combine(shares, self.params.threshold)
         except ValueError as exc:
@@ -832,9 +818,7 @@ class SecAggServer:
             if s_key.public_bytes != self._keys[v][1]:
                 raise SecAggAbort(f"reconstructed mask key of client {v} does not match its advertised key")
             for w in sorted(self.params.neighbours_of(v) & self._masked):
-                crypto.add_mask_into(
-                    total, _pairwise_key(self.params, s_key, self._keys[w][1]), -_mask_sign(w, v)
-                )
+                crypto.add_mask_into(total, _pairwise_key(self.params, s_key, self._keys[w][1]), -_mask_sign(w, v))
         return SecAggResult(total=total, survivors=tuple(sorted(self._masked)), quant=self.params.quant)
 
 

@@ -103,9 +103,7 @@ def dequantize_sum(total: np.ndarray, cfg: QuantConfig, count: int) -> np.ndarra
     return np.asarray(total, dtype=np.float64) / cfg.scale - count * cfg.clip
 
 
-def dequantize_mean(
-    total: np.ndarray, cfg: QuantConfig, count: int, total_weight: float | None = None
-) -> np.ndarray:
+def dequantize_mean(total: np.ndarray, cfg: QuantConfig, count: int, total_weight: float | None = None) -> np.ndarray:
     """Decode a secure sum into a mean.
 
     Parameters

@@ -56,9 +56,7 @@ def _postgres_url() -> str:
     if url:
         return url
     if os.environ.get("CI"):
-        pytest.fail(
-            f'{PG_ENV} is not set but CI is: run `eval "$(bash .ci/postgres.sh)"` first', pytrace=False
-        )
+        pytest.fail(f'{PG_ENV} is not set but CI is: run `eval "$(bash .ci/postgres.sh)"` first', pytrace=False)
     pytest.skip(f"{PG_ENV} not set (run .ci/postgres.sh to test PostgreSQL)")
 
 
@@ -101,9 +99,7 @@ def ledger(db_url: str, clock: FakeClock) -> Iterator[Ledger]:
 
 
 def _included(who: str, tokens: int = 32_768, wall: float | None = None) -> RoundEntry:
-    return RoundEntry(
-        who, "included", assigned_examples=tokens // 512, assigned_tokens=tokens, reported_wall_s=wall
-    )
+    return RoundEntry(who, "included", assigned_examples=tokens // 512, assigned_tokens=tokens, reported_wall_s=wall)
 
 
 # ------------------------------------------------------------------------------------ formula and ids
@@ -190,9 +186,7 @@ def test_replaying_a_round_never_credits_twice(ledger: Ledger, db_url: str, cloc
         # a replay that also knows a member the first attempt missed adds only that member
         added = restarted.record_round("c", 5, [*entries, _included(CAROL.id)], flops_per_token=FPT)
         assert [row.contributor_id for row in added] == [CAROL.id]
-        assert {r.recorded_at for r in restarted.round_entries("c", 5) if r.contributor_id == ALICE.id} == {
-            T0
-        }
+        assert {r.recorded_at for r in restarted.round_entries("c", 5) if r.contributor_id == ALICE.id} == {T0}
 
 
 def test_replay_is_a_no_op_without_on_conflict_too(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,8 +4,6 @@ completes with the others."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,7 +16,8 @@ from fedtune.ml.model import load_base
 from fedtune.privacy import ContributorPrivacy, PrivacyParams
 from fedtune.rundir import RunDir
 
-from .conftest import small_campaign
+from ..conftest import small_campaign
+from .conftest import Campaigns
 
 PRIVACY = {"mechanism": "dp-sgd", "target_epsilon": 8.0, "max_grad_norm": 1.0, "planned_rounds": 4}
 
@@ -30,29 +29,30 @@ def budget_between_round_one_and_two(raw: dict) -> float:
     shard = load_shard(cfg, tokenizer, 0, cfg.simulation.contributors)
     params = PrivacyParams.from_campaign(cfg.privacy, campaign_rounds=cfg.federation.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        acct = ContributorPrivacy.load(tmp, params, shard_size=len(shard), batch_size=cfg.federation.batch_size,
-                                       local_steps=cfg.federation.local_steps)
+        acct = ContributorPrivacy.load(
+            tmp,
+            params,
+            shard_size=len(shard),
+            batch_size=cfg.federation.batch_size,
+            local_steps=cfg.federation.local_steps,
+        )
         steps = cfg.federation.local_steps
         one, two = acct.epsilon_after(steps), acct.epsilon_after(2 * steps)
     assert one < two
     return (one + two) / 2
 
 
-def simulate(config: Path, run_dir: Path, *extra: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run_dir),
-                           *extra], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-
-
-def test_personal_budget_is_never_exceeded_across_restarts(tmp_path: Path) -> None:
+def test_personal_budget_is_never_exceeded_across_restarts(tmp_path: Path, campaigns: Campaigns) -> None:
     raw = small_campaign(privacy=PRIVACY, federation={"rounds": 2})
     cap = budget_between_round_one_and_two(raw)
     raw["privacy"]["personal_max_epsilon"] = {"0": cap}
     config = tmp_path / "dp.toml"
     config.write_text(tomli_w.dumps(raw))
     run = tmp_path / "run"
-    simulate(config, run)
-    simulate(config, run, "--resume", "--rounds", "4")  # new processes: state comes back from disk only
+    campaigns.simulate("dp-cap", config=config, run_dir=run)
+    campaigns.simulate(
+        "dp-cap", None, "--resume", "--rounds", "4", config=config, run_dir=run
+    )  # new processes: state comes back from disk only
 
     rows = RunDir(run).read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
@@ -74,11 +74,11 @@ def test_personal_budget_is_never_exceeded_across_restarts(tmp_path: Path) -> No
     assert any("budget" in (e.reason or "") for e in entries.values())
 
 
-def test_dp_campaign_reports_epsilon_within_target(tmp_path: Path) -> None:
+def test_dp_campaign_reports_epsilon_within_target(tmp_path: Path, campaigns: Campaigns) -> None:
     raw = small_campaign(privacy=PRIVACY | {"planned_rounds": 2})
     config = tmp_path / "dp.toml"
     config.write_text(tomli_w.dumps(raw))
-    simulate(config, tmp_path / "run")
+    campaigns.simulate("dp", config=config, run_dir=tmp_path / "run")
     rows = RunDir(tmp_path / "run").read_metrics()
     assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= 8.0
     assert rows[2]["epsilon_max"] > 0.9 * 8.0  # the whole planned horizon spends (nearly) the whole target

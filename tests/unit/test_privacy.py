@@ -180,9 +180,7 @@ def test_hooks_per_sample_grads_match_brute_force_with_padding(
         assert relative_error(actual, flat(grads)) < REL_TOL, f"sample {i}"
 
 
-def test_ghost_norms_and_clipped_gradient_match_hooks_and_brute_force(
-    model_path: Path, dataset: TextDataset
-) -> None:
+def test_ghost_norms_and_clipped_gradient_match_hooks_and_brute_force(model_path: Path, dataset: TextDataset) -> None:
     model = lora_model(model_path)
     expected = brute_force_grads(model, dataset)
     norms = torch.tensor([float(flat(g).norm()) for g in expected])
@@ -202,9 +200,7 @@ def test_ghost_norms_and_clipped_gradient_match_hooks_and_brute_force(
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_empty_poisson_batches_take_noise_only_steps(
-    model_path: Path, dataset: TextDataset, mode: str
-) -> None:
+def test_empty_poisson_batches_take_noise_only_steps(model_path: Path, dataset: TextDataset, mode: str) -> None:
     model = lora_model(model_path)
     params = [p for _, p in trainable(model)]
     for round_ in range(2):  # the same model is wrapped again next round
@@ -228,9 +224,7 @@ def test_empty_poisson_batches_take_noise_only_steps(
 
 def test_non_reentrant_checkpointing_is_refused(model_path: Path, dataset: TextDataset) -> None:
     model = lora_model(model_path)
-    model.get_base_model().activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False}
-    )
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="use_reentrant"):
         make_private(
             model,
@@ -287,9 +281,7 @@ def test_epsilon_after_rounds_matches_independent_opacus_accountant(
     for _ in range(rounds):
         privacy, ok, reason = train_round(tmp_path, params, model, dataset)
         assert ok, reason
-    privacy = ContributorPrivacy.load(
-        tmp_path, params, shard_size=SHARD, batch_size=BATCH, local_steps=LOCAL_STEPS
-    )
+    privacy = ContributorPrivacy.load(tmp_path, params, shard_size=SHARD, batch_size=BATCH, local_steps=LOCAL_STEPS)
     q, delta = sample_rate_for(BATCH, SHARD), default_delta(SHARD)
     noise = get_noise_multiplier(
         target_epsilon=4.0, target_delta=delta, sample_rate=q, steps=LOCAL_STEPS * 4, accountant=kind
@@ -307,9 +299,7 @@ def test_epsilon_after_rounds_matches_independent_opacus_accountant(
     assert summary["steps"] == rounds * LOCAL_STEPS and summary["rounds"] == rounds
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["accountant"] == {"history": [[noise, q, rounds * LOCAL_STEPS]], "mechanism": kind}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE_FILE, SUMMARY_FILE]), (
-        "no temp files left"
-    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([STATE_FILE, SUMMARY_FILE]), "no temp files left"
 
 
 def test_small_personal_budget_declines_and_keeps_declining_after_reload(tmp_path: Path) -> None:
@@ -353,9 +343,7 @@ def test_without_dp_a_personal_budget_declines(tmp_path: Path) -> None:
     shape = {"shard_size": 10, "batch_size": 2, "local_steps": 5}
     plain = ContributorPrivacy.load(tmp_path, PrivacyParams(mechanism="none"), **shape)
     assert plain.check_round(5)[0] and plain.epsilon_spent() == 0.0
-    strict = ContributorPrivacy.load(
-        tmp_path, PrivacyParams(mechanism="none", personal_max_epsilon=5.0), **shape
-    )
+    strict = ContributorPrivacy.load(tmp_path, PrivacyParams(mechanism="none", personal_max_epsilon=5.0), **shape)
     assert strict.check_round(5)[0] is False
     plain.record_round(5)
     plain.save()
@@ -404,9 +392,7 @@ def global_norm(update: dict[str, np.ndarray]) -> float:
     ],
     ids=["above", "below", "zero"],
 )
-def test_clip_update(
-    make: Callable[[np.random.Generator], dict[str, np.ndarray]], bound: float, clipped: bool
-) -> None:
+def test_clip_update(make: Callable[[np.random.Generator], dict[str, np.ndarray]], bound: float, clipped: bool) -> None:
     update = make(np.random.default_rng(0))
     out, norm = clip_update(update, bound)
     assert norm == pytest.approx(global_norm(update))

@@ -1,5 +1,5 @@
-"""End to end: a 2-round, 3-contributor campaign in Flower's simulation engine, then its adapter
-reloaded with plain PEFT reproduces the eval loss the run reported."""
+"""End to end: the shared 2-round, 3-contributor campaign in Flower's simulation engine: its run dir, its adapter
+reloaded with plain PEFT (same eval loss), its ledger and ``--resume``."""
 
 from __future__ import annotations
 
@@ -14,23 +14,14 @@ import pytest
 from fedtune.config import load_config
 from fedtune.rundir import RunDir
 
+from .conftest import Campaigns
+
 REQUIRED = {"round", "eval_loss", "train_loss", "participants", "bytes_up", "bytes_down", "wall_s"}
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("sim")
-    import tomli_w
-
-    from .conftest import small_campaign
-
-    cfg = tmp / "campaign.toml"
-    cfg.write_text(tomli_w.dumps(small_campaign(federation={"local_steps": 6, "learning_rate": 0.02})))
-    run_dir = tmp / "run"
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", str(cfg), "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir
+def finished_run(plain_run: Path) -> Path:
+    return plain_run
 
 
 def test_run_dir_layout(finished_run: Path) -> None:
@@ -98,14 +89,18 @@ def test_ledger_credits_assigned_work(finished_run: Path) -> None:
 
 
 def test_credits_command_prints_leaderboard(finished_run: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "credits", "--run-dir", str(finished_run), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "credits", "--run-dir", str(finished_run), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert [c["name"] for c in data["contributors"]] == ["sim-000", "sim-001", "sim-002"]
 
 
-def test_resume_runs_only_the_missing_rounds(finished_run: Path, tmp_path: Path) -> None:
+def test_resume_runs_only_the_missing_rounds(finished_run: Path, tmp_path: Path, campaigns: Campaigns) -> None:
     import shutil
 
     from fedtune.credit.ledger import Ledger, default_url
@@ -113,9 +108,7 @@ def test_resume_runs_only_the_missing_rounds(finished_run: Path, tmp_path: Path)
     run = tmp_path / "resumed"
     shutil.copytree(finished_run, run)
     before = RunDir(run).read_metrics()
-    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", str(run / "config.toml"), "--run-dir",
-                           str(run), "--resume", "--rounds", "3"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    campaigns.simulate("resumed", None, "--resume", "--rounds", "3", config=run / "config.toml", run_dir=run)
     rows = RunDir(run).read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[:3] == before  # completed rounds are kept, not re-run
@@ -131,7 +124,7 @@ def test_server_optimizer_state_roundtrip() -> None:
     from fedtune.config import CampaignConfig
     from fedtune.strategies.server_optimizer import build_strategy, restore_strategy_state, strategy_state
 
-    from .conftest import small_campaign
+    from ..conftest import small_campaign
 
     for opt in ("fedadam", "fedavgm"):
         cfg = CampaignConfig.from_dict(small_campaign(federation={"server_optimizer": opt}))
@@ -142,5 +135,6 @@ def test_server_optimizer_state_roundtrip() -> None:
             strategy.momentum_vector = [np.ones(2), np.zeros(4)]
         fresh = build_strategy(cfg, 3)
         restore_strategy_state(fresh, strategy_state(strategy))
-        assert {k: v.tolist() for k, v in strategy_state(fresh).items()} == \
-            {k: v.tolist() for k, v in strategy_state(strategy).items()}
+        assert {k: v.tolist() for k, v in strategy_state(fresh).items()} == {
+            k: v.tolist() for k, v in strategy_state(strategy).items()
+        }

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def effective_updates(arrays: dict[str, np.ndarray], frozen: dict[str, np.ndarray] | None = None,
-                      scale: float = 1.0) -> dict[str, np.ndarray]:
+def effective_updates(
+    arrays: dict[str, np.ndarray], frozen: dict[str, np.ndarray] | None = None, scale: float = 1.0
+) -> dict[str, np.ndarray]:
     """ΔW per adapted module from a dict of ``…lora_A…``/``…lora_B…`` tensors.
 
     ``frozen`` supplies the A matrices that do not travel (FFA mode).

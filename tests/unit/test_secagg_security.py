@@ -167,9 +167,7 @@ def test_client_refuses_to_reveal_both_shares_of_one_client() -> None:
     with pytest.raises(SecAggProtocolError, match="both shares"):
         rnd.clients[u].unmask({**requests[u], "dropped": held[:1]})
     with pytest.raises(SecAggProtocolError, match="committed"):  # shrink U3 after the commitment
-        rnd.clients[u].unmask(
-            {**requests[u], "survivors": [s for s in IDS if s != held[0]], "dropped": held[:1]}
-        )
+        rnd.clients[u].unmask({**requests[u], "survivors": [s for s in IDS if s != held[0]], "dropped": held[:1]})
     reply = rnd.clients[u].unmask(requests[u])
     assert set(reply["b_ids"]) == set(held) and reply["s_ids"] == []
 

@@ -14,7 +14,7 @@ from fedtune.ml.model import build_model, load_trainable, trainable_arrays
 from fedtune.strategies.server_optimizer import build_strategy
 from fedtune.wire import arrays_from_record, arrays_to_record
 
-from .conftest import small_campaign
+from ..conftest import small_campaign
 from .lora_reference import effective_updates, relative_error, weighted_mean
 
 N_CLIENTS = 4
@@ -22,8 +22,9 @@ N_CLIENTS = 4
 
 def train_clients(mode: str) -> tuple[dict, list[dict], list[int], dict]:
     """Train N contributors from one shared start on Dirichlet shards; return start, ends, weights, frozen."""
-    raw = small_campaign(lora={"mode": mode}, simulation={"contributors": N_CLIENTS, "partitioner": "dirichlet",
-                                                          "dirichlet_alpha": 0.1})
+    raw = small_campaign(
+        lora={"mode": mode}, simulation={"contributors": N_CLIENTS, "partitioner": "dirichlet", "dirichlet_alpha": 0.1}
+    )
     raw["federation"].update(contributors_per_round=N_CLIENTS)
     cfg = CampaignConfig.from_dict(raw)
     torch.manual_seed(0)
@@ -47,10 +48,16 @@ def replies_of(ends: list[dict], weights: list[int]) -> list[Message]:
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    return [Message(content=RecordDict({"arrays": arrays_to_record(e),
-                                        "metrics": MetricRecord({"num-examples": w, "train_loss": 0.0})}),
-                    dst_node_id=i + 1, message_type=MessageType.TRAIN)
-            for i, (e, w) in enumerate(zip(ends, weights, strict=True))]
+    return [
+        Message(
+            content=RecordDict(
+                {"arrays": arrays_to_record(e), "metrics": MetricRecord({"num-examples": w, "train_loss": 0.0})}
+            ),
+            dst_node_id=i + 1,
+            message_type=MessageType.TRAIN,
+        )
+        for i, (e, w) in enumerate(zip(ends, weights, strict=True))
+    ]
 
 
 def flower_fedavg(cfg: CampaignConfig, ends: list[dict], weights: list[int]) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from fedtune.cli import EXIT_BAD_INPUT, main
 
-from .conftest import small_campaign
+from ..conftest import small_campaign
 
 
 def run_bad(capsys: pytest.CaptureFixture[str], path: Path, tmp_path: Path) -> str:

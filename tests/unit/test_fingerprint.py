@@ -11,7 +11,7 @@ from fedtune.config import CampaignConfig
 from fedtune.ml.model import FingerprintMismatch, base_fingerprint, check_fingerprint
 from fedtune.ml.tiny import builtin_path
 
-from .conftest import small_campaign
+from ..conftest import small_campaign
 
 
 def test_fingerprint_detects_changed_weights(tmp_path: Path) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from ..conftest import REPO
 
 
 def readme_commands() -> list[str]:

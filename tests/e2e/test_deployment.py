@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-from fedtune.deploy.bundle import COMPONENTS, BundleRefused, verify_fab
-from fedtune.deploy.keys import approve, ensure_keys, read_allow_list
+from fedtune.deploy.keys import approve, ensure_keys
 from fedtune.deploy.tls import ensure_tls
 
-from .conftest import small_campaign
+from ..bundles import pyproject_text
+from ..conftest import small_campaign
 
 ROUND_TIMEOUT_S = 240.0
 KILL_VICTIM = 2
@@ -129,16 +128,24 @@ class Federation:
 
     def spawn(self, args: list[str], log: Path, flwr_home: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=fh,
-                                    stderr=subprocess.STDOUT, env=_env(flwr_home), cwd=self.root,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune.cli", *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=_env(flwr_home),
+                cwd=self.root,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
     def start_coordinator(self) -> None:
         self.coordinator_log = self.root / "coordinator.log"
-        self.coordinator = self.spawn(["coordinate", str(self.campaign), "--run-dir", str(self.run_dir),
-                                       "--address", self.address], self.coordinator_log, self.root / "flwr-coord")
+        self.coordinator = self.spawn(
+            ["coordinate", str(self.campaign), "--run-dir", str(self.run_dir), "--address", self.address],
+            self.coordinator_log,
+            self.root / "flwr-coord",
+        )
 
     def contributor(self, name: str, enrol: bool = True) -> Contributor:
         """A contributor's state dir with keys; ``enrol`` adds its key to the coordinator's allow-list."""
@@ -149,10 +156,30 @@ class Federation:
         return Contributor(name, state, self.root / f"{name}.log")
 
     def join(self, c: Contributor, partition: int, partitions: int, *extra: str) -> Contributor:
-        c.proc = self.spawn(["join", "--coordinator", self.address, "--root-cert", str(self.ca), "--state-dir",
-                             str(c.state_dir), "--name", c.name, "--port", str(free_port()), "--partition-id",
-                             str(partition), "--num-partitions", str(partitions), "--benchmark-seconds", "0.2",
-                             *extra], c.log, c.state_dir / "flwr-home")
+        c.proc = self.spawn(
+            [
+                "join",
+                "--coordinator",
+                self.address,
+                "--root-cert",
+                str(self.ca),
+                "--state-dir",
+                str(c.state_dir),
+                "--name",
+                c.name,
+                "--port",
+                str(free_port()),
+                "--partition-id",
+                str(partition),
+                "--num-partitions",
+                str(partitions),
+                "--benchmark-seconds",
+                "0.2",
+                *extra,
+            ],
+            c.log,
+            c.state_dir / "flwr-home",
+        )
         return c
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -174,10 +201,20 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     """Coordinator + three enrolled contributors running a 2-round campaign (min_cohort 2)."""
     root = tmp_path_factory.mktemp("deploy")
     campaign = root / "campaign.toml"
-    campaign.write_text(tomli_w.dumps(small_campaign(
-        campaign={"name": "deploy-test", "seed": 0, "run_dir": str(root / "run")},
-        federation={"rounds": 2, "contributors_per_round": 3, "min_cohort": 2, "local_steps": 3,
-                    "round_timeout_s": ROUND_TIMEOUT_S})))
+    campaign.write_text(
+        tomli_w.dumps(
+            small_campaign(
+                campaign={"name": "deploy-test", "seed": 0, "run_dir": str(root / "run")},
+                federation={
+                    "rounds": 2,
+                    "contributors_per_round": 3,
+                    "min_cohort": 2,
+                    "local_steps": 3,
+                    "round_timeout_s": ROUND_TIMEOUT_S,
+                },
+            )
+        )
+    )
     fed = Federation(root, free_port(), root / "run", campaign)
     ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
     contributors = [fed.contributor(f"c{i}") for i in range(3)]
@@ -208,8 +245,9 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     assert victim.proc is not None
     # process start times derived from btime drift on VMs: a pid unseen after round 1 is the round-2 ClientApp
     seen = set(clientapps_in_group(victim.proc.pid))
-    wait_for(lambda: set(clientapps_in_group(victim.proc.pid)) - seen, 120,
-             "the victim's round-2 ClientApp", interval_s=0.05)
+    wait_for(
+        lambda: set(clientapps_in_group(victim.proc.pid)) - seen, 120, "the victim's round-2 ClientApp", interval_s=0.05
+    )
     os.killpg(victim.proc.pid, signal.SIGKILL)  # the join agent, its SuperNode and the running ClientApp
     row2 = wait_for(lambda: fed.row(2), ROUND_TIMEOUT_S + 60, "round 2 in metrics.jsonl")
     assert row2["applied"] and row2["participants"] == 2 and row2["failed"] == 1, row2
@@ -236,13 +274,23 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
     from fedtune.credit.ledger import Ledger, default_url
 
     campaign = tmp_path / "campaign.toml"
-    campaign.write_text(tomli_w.dumps(small_campaign(
-        campaign={"name": "deploy-secure", "seed": 0, "run_dir": str(tmp_path / "run")},
-        federation={"rounds": 3, "contributors_per_round": 3, "min_cohort": 3, "local_steps": 3,
-                    "round_timeout_s": ROUND_TIMEOUT_S},
-        # room for one round more than planned: training done for a round the crash cut short stays spent
-        privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
-        secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0})))
+    campaign.write_text(
+        tomli_w.dumps(
+            small_campaign(
+                campaign={"name": "deploy-secure", "seed": 0, "run_dir": str(tmp_path / "run")},
+                federation={
+                    "rounds": 3,
+                    "contributors_per_round": 3,
+                    "min_cohort": 3,
+                    "local_steps": 3,
+                    "round_timeout_s": ROUND_TIMEOUT_S,
+                },
+                # room for one round more than planned: training done for a round the crash cut short stays spent
+                privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
+                secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0},
+            )
+        )
+    )
     fed = Federation(tmp_path, free_port(), tmp_path / "run", campaign)
     ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])
     try:
@@ -277,7 +325,7 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
 
 # ------------------------------------------------------------------------------ foreign app bundles
 
-PROBE_SERVER = '''
+PROBE_SERVER = """
 import json, time
 from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -296,9 +344,9 @@ def main(grid: Grid, context: Context) -> None:
     replies = list(grid.send_and_receive(msgs, timeout=120))
     out = [{"error": r.error.reason if r.has_error() else None} for r in replies]
     Path(str(context.run_config["out"])).write_text(json.dumps(out))
-'''
+"""
 
-EVIL_CLIENT = '''
+EVIL_CLIENT = """
 from pathlib import Path
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -310,63 +358,7 @@ app = ClientApp()
 def train(message: Message, context: Context) -> Message:
     Path(MARKER).write_text("foreign code ran")
     return Message(RecordDict({"m": MetricRecord({"x": 1})}), reply_to=message)
-'''
-
-
-def _pyproject(serverapp: str, clientapp: str = COMPONENTS["clientapp"]) -> str:
-    return (f'[project]\nname = "probe"\nversion = "1.0.0"\ndependencies = []\n\n[tool.flwr.app]\n'
-            f'publisher = "test"\n\n[tool.flwr.app.components]\nserverapp = "{serverapp}"\n'
-            f'clientapp = "{clientapp}"\n\n[tool.flwr.app.config]\nout = ""\n')
-
-
-def _fab(files: dict[str, bytes]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-        zf.writestr(".info/CONTENT", "")
-    return buf.getvalue()
-
-
-def _installed(module_file: str) -> bytes:
-    import fedtune.clients.app as client_app
-
-    return Path(client_app.__file__).read_bytes() if module_file == "app" else b""
-
-
-def test_verify_fab_accepts_only_installed_code() -> None:
-    minimal = _fab({"pyproject.toml": _pyproject(COMPONENTS["serverapp"]).encode()})
-    verify_fab(minimal)
-    verify_fab(minimal, "serverapp")
-    same = _fab({"pyproject.toml": _pyproject(COMPONENTS["serverapp"]).encode(),
-                 "fedtune/clients/app.py": _installed("app"), "README.md": b"docs are fine"})
-    verify_fab(same)
-    cases = {
-        "differs": {"fedtune/clients/app.py": _installed("app") + b"\nprint('extra')\n"},
-        "not part of the installed": {"fedtune/clients/helper.py": b"x = 1\n"},
-        "compiled": {"fedtune/clients/app.cpython-311-x86_64-linux-gnu.so": b"\x7fELF"},
-    }
-    for expected, files in cases.items():
-        with pytest.raises(BundleRefused, match=expected):
-            verify_fab(_fab({"pyproject.toml": _pyproject(COMPONENTS["serverapp"]).encode(), **files}))
-    with pytest.raises(BundleRefused, match="names clientapp"):
-        verify_fab(_fab({"pyproject.toml": _pyproject("x:app", "evil.client:app").encode()}))
-    with pytest.raises(BundleRefused, match="names serverapp"):
-        verify_fab(_fab({"pyproject.toml": _pyproject("probe_server:app").encode()}), "serverapp")
-
-
-def test_keys_survive_a_restart(tmp_path: Path) -> None:
-    first = ensure_keys(tmp_path / "state", "alice")
-    again = ensure_keys(tmp_path / "state", "alice")
-    assert first.contributor_id == again.contributor_id and first.public_line == again.public_line
-    assert first.public_line.startswith("ecdsa-sha2-nistp384 ")
-    assert oct((tmp_path / "state" / "supernode.key").stat().st_mode & 0o777) == "0o600"
-    run = tmp_path / "run"
-    approve(first.auth_public, run, "alice")
-    approve(first.auth_public, run, "alice")  # idempotent
-    assert [e.name for e in read_allow_list(run / "contributors.allow")] == ["alice"]
+"""
 
 
 def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
@@ -377,29 +369,67 @@ def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with (tmp_path / "superlink.log").open("ab") as fh:
-            procs.append(subprocess.Popen(
-                [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--port", str(port),
-                 "--disable-runtime-dependency-installation"], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                cwd=tmp_path, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "flower-superlink"),
+                        "--insecure",
+                        "--port",
+                        str(port),
+                        "--disable-runtime-dependency-installation",
+                    ],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+            )
         wait_for(lambda: _listening(port), 60, "the SuperLink")
         state = tmp_path / "contributor"
         with (tmp_path / "join.log").open("ab") as fh:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedtune.cli", "join", "--coordinator", f"127.0.0.1:{port}",
-                 "--insecure", "--state-dir", str(state), "--port", str(free_port()), "--benchmark-seconds", "0.1"],
-                stdout=fh, stderr=subprocess.STDOUT, env=_env(tmp_path / "flwr-join"), cwd=tmp_path,
-                start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedtune.cli",
+                        "join",
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        "--insecure",
+                        "--state-dir",
+                        str(state),
+                        "--port",
+                        str(free_port()),
+                        "--benchmark-seconds",
+                        "0.1",
+                    ],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=_env(tmp_path / "flwr-join"),
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+            )
         app = tmp_path / "app"
         (app / "fedtune" / "clients").mkdir(parents=True)
-        (app / "pyproject.toml").write_text(_pyproject("probe_server:app"))
+        (app / "pyproject.toml").write_text(pyproject_text("probe_server:app"))
         (app / "probe_server.py").write_text(PROBE_SERVER)
         (app / "fedtune" / "clients" / "__init__.py").write_text("")
         (app / "fedtune" / "clients" / "app.py").write_text(f"MARKER = {str(marker)!r}\n" + EVIL_CLIENT)
         link_home.mkdir(exist_ok=True)
         (link_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "t"\n\n[superlink.t]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        res = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(app), "t", "--run-config",
-                              f'out="{out}"'], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            f'[superlink]\ndefault = "t"\n\n[superlink.t]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        res = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "run", str(app), "t", "--run-config", f'out="{out}"'],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         join = procs[1]
 

@@ -1,0 +1,66 @@
+"""End-to-end tier: whole campaigns, run the way a user runs them (``python -m fedtune.cli simulate``).
+
+:class:`Campaigns` is the one way these tests start a simulated campaign; ``plain_run`` is the session's shared
+2-round, 3-contributor plain FedAvg campaign that several files read (run once per session).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from ..conftest import small_campaign
+
+
+@dataclass
+class Campaigns:
+    """Runs ``fedtune simulate`` on campaign dicts in a session-wide temporary folder."""
+
+    root: Path
+
+    def write(self, name: str, raw: Mapping) -> Path:
+        config = self.root / f"{name}.toml"
+        config.write_text(tomli_w.dumps(dict(raw)))
+        return config
+
+    def simulate(
+        self,
+        name: str,
+        raw: Mapping | None = None,
+        *extra: str,
+        config: Path | None = None,
+        run_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        expect_rc: int = 0,
+        timeout_s: float = 600,
+    ) -> Path:
+        """Run a campaign (``raw`` written as ``NAME.toml``, or an existing ``config``) into ``run_dir``."""
+        config = config or self.write(name, raw if raw is not None else small_campaign())
+        run_dir = run_dir or self.root / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run_dir), *extra],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, **(env or {})},
+        )
+        assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return run_dir
+
+
+@pytest.fixture(scope="session")
+def campaigns(tmp_path_factory: pytest.TempPathFactory) -> Campaigns:
+    return Campaigns(tmp_path_factory.mktemp("campaigns"))
+
+
+@pytest.fixture(scope="session")
+def plain_run(campaigns: Campaigns) -> Path:
+    """The reference campaign: ``small_campaign()`` as it is, plain FedAvg, 2 rounds, 3 contributors."""
+    return campaigns.simulate("plain")
