@@ -36,8 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.ml.tiny import TINY_LLAMA, builtin_path, is_builtin
-from fedtune.privacy import TrainingRun, make_private, non_private_run, train_step
+from fedtune.clients.trainer import LocalRun, PlainRun, train_step
+from fedtune.config import is_builtin
+from fedtune.ml.tiny import TINY_LLAMA, builtin_path
+from fedtune.privacy import make_private
 
 MODES = ("plain", "hooks", "ghost")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,21 +107,21 @@ def make_batch(setup: Setup, vocab_size: int, pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids.to(setup.device), "attention_mask": attention_mask.to(setup.device)}
 
 
-def build_run(setup: Setup, mode: str) -> tuple[TrainingRun, dict[str, torch.Tensor]]:
+def build_run(setup: Setup, mode: str) -> tuple[LocalRun, dict[str, torch.Tensor]]:
+    """The trainer's own wrappers: :class:`PlainRun` or Opacus' (expected batch = the fixed batch's size)."""
     model = lora(load_base(setup), setup.seed)
     config = model.get_base_model().config
     batch = make_batch(setup, config.vocab_size, config.pad_token_id or 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    dataset = torch.utils.data.TensorDataset(batch["input_ids"].cpu())  # only sizes the sample rate
-    loader = torch.utils.data.DataLoader(dataset, batch_size=setup.batch)
     if mode == "plain":
-        return non_private_run(model, optimizer, loader), batch
+        model.train()
+        return PlainRun(model, optimizer, torch.device(setup.device)), batch
     run = make_private(
         model,
         optimizer,
-        loader,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
+        expected_batch_size=setup.batch,
         grad_sample_mode=mode,  # type: ignore[arg-type]
     )
     return run, batch
@@ -130,7 +132,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(run: TrainingRun, batch: dict[str, torch.Tensor], steps: int, device: str) -> float:
+def timed_steps(run: LocalRun, batch: dict[str, torch.Tensor], steps: int, device: str) -> float:
     """Mean wall time of one step over ``steps`` steps."""
     synchronize(device)
     started = time.perf_counter()

@@ -1,9 +1,10 @@
 """Federation overhead: a simulated round's wall time ÷ the same local steps run standalone.
 
 The simulated side is ``fedtune simulate`` with one contributor per round (so the comparison is one
-process's work against one process's work); the standalone side is a plain transformers + PEFT loop in
-this process on the same model, the same LoRA config and the same batches. Both use one torch thread (on a
-shared 2-core machine, two threads in one process contend with everything else and make the figure noise).
+process's work against one process's work); the standalone side is the contributor's own loop (``train_local``)
+in this process, without Flower, on the same model, the same LoRA config and the same batches. Both use one
+torch thread (on a shared 2-core machine, two threads in one process contend with everything else and make the
+figure noise).
 
     python bench/bench_overhead.py [--steps 150] [--rounds 4] [--out results.json]
 """
@@ -15,7 +16,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,13 @@ def campaign(steps: int, rounds: int, run_dir: str):
 
 
 def standalone_seconds(cfg, server_round: int) -> float:
-    """The same steps with plain transformers + PEFT: no Flower, no records, no Ray."""
+    """The same steps with plain transformers + PEFT and the contributor's loop: no Flower, no records, no Ray."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedtune.clients.trainer import Randomness, train_local
     from fedtune.ml.data import load_shard
-    from fedtune.ml.losses import per_sequence_loss
     from fedtune.ml.tiny import builtin_path
 
     path = builtin_path(cfg.model.name)
@@ -67,16 +67,16 @@ def standalone_seconds(cfg, server_round: int) -> float:
         p.requires_grad_("lora_B" in name)
     shard = load_shard(cfg, tok, 0, 1)
     fed = cfg.federation
-    seed = cfg.campaign.seed * 1_000_003 + server_round * 1009
-    batches = list(shard.batches(fed.batch_size, fed.local_steps, seed))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=fed.learning_rate)
-    start = time.perf_counter()
-    for batch in batches:
-        loss = per_sequence_loss(model(**batch).logits, batch["input_ids"], batch["attention_mask"]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - start
+    seed = cfg.campaign.seed * 1_000_003 + server_round * 1009  # what the ClientApp uses for partition 0
+    result = train_local(
+        model,
+        shard,
+        steps=fed.local_steps,
+        batch_size=fed.batch_size,
+        learning_rate=fed.learning_rate,
+        randomness=Randomness.from_seed(seed, device=torch.device("cpu")),
+    )
+    return result.wall_s
 
 
 def main() -> None:
@@ -117,7 +117,7 @@ def main() -> None:
         "ratio_full_round": full / alone,
     }
     print("| measure | seconds | ÷ standalone |\n|---|---|---|")
-    print(f"| standalone PEFT loop, {args.steps} steps | {alone:.2f} | 1.00 |")
+    print(f"| standalone train_local, {args.steps} steps | {alone:.2f} | 1.00 |")
     print(f"| simulated round: send → train → reply | {trip:.2f} | {trip / alone:.3f} |")
     print(f"| simulated round incl. server eval + checkpoint | {full:.2f} | {full / alone:.3f} |")
     print(f"| first round (actor start, model load) | {result['cold_first_round_s']:.2f} | - |")

@@ -34,7 +34,7 @@ from fedtune.privacy import ContributorPrivacy, PrivacyParams, clip_update
 from fedtune.wire import arrays_from_record, arrays_to_record, campaign_from_record
 
 from .secagg_client import register_secagg_handlers
-from .trainer import train_local, train_local_private
+from .trainer import Randomness, train_local
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
@@ -195,12 +195,16 @@ def local_update(
     start = arrays_from_record(message.content["arrays"])
     load_trainable(ws.model, start)
     seed = cfg.campaign.seed * 1_000_003 + int(round_cfg["server-round"]) * 1009 + partition_id
-    if privacy is None:
-        result = train_local(ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed)
-    else:
-        result = train_local_private(
-            ws.model, ws.shard, fed.local_steps, fed.batch_size, fed.learning_rate, seed, privacy
-        )
+    randomness = Randomness.from_seed(seed, device=next(ws.model.parameters()).device)
+    result = train_local(
+        ws.model,
+        ws.shard,
+        steps=fed.local_steps,
+        batch_size=fed.batch_size,
+        learning_rate=fed.learning_rate,
+        randomness=randomness,
+        privacy=privacy,
+    )
     end = trainable_arrays(ws.model)
     if cfg.privacy.update_clip_norm > 0:
         end = clipped_update(start, end, cfg.privacy.update_clip_norm)

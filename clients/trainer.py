@@ -1,17 +1,39 @@
-"""Local training on a contributor's shard: the steps the coordinator assigned, nothing more."""
+"""Local training on a contributor's shard: one loop, for plain training and for DP-SGD.
+
+:func:`train_local` runs the steps the coordinator assigned, nothing more. Plain and private training differ
+only in what the loop is handed: a :class:`PlainRun` and shuffled batches, or Opacus' DP wrapper
+(:func:`fedtune.privacy.make_private`) and its Poisson ``DPDataLoader``. Each step is :func:`train_step`
+either way, with the per-sequence mean loss (never HF's ``labels=`` loss, which couples the samples).
+
+The randomness of batch sampling and DP noise comes from the :class:`Randomness` passed in: today a seed
+from the campaign (:meth:`Randomness.from_seed`); the caller is the one place to switch that.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
 
 from fedtune.ml.data import TokenizedSet
 from fedtune.ml.losses import per_sequence_loss, token_counts
-from fedtune.privacy import ContributorPrivacy, causal_lm_loss
+from fedtune.privacy import (
+    ContributorPrivacy,
+    PrivacyBudgetExceeded,
+    batch_rows,
+    make_private,
+    poisson_loader,
+    trainable_parameters,
+)
+
+Batch = Mapping[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 @dataclass
@@ -23,80 +45,233 @@ class TrainResult:
     train_loss: float
     wall_s: float
     steps: int
+    empty_batches: int = 0
     privacy: dict[str, Any] = field(default_factory=dict)
 
 
-def _optimizer(model: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+@dataclass(frozen=True)
+class Randomness:
+    """Where a round's batch sampling (a CPU generator) and DP noise (one on the model's device) come from."""
+
+    sampling: torch.Generator
+    noise: torch.Generator
+
+    @classmethod
+    def from_seed(cls, seed: int, device: torch.device | str = "cpu") -> Randomness:
+        """Two independent streams derived from ``seed`` (reproducible, hence recomputable by whoever knows it).
+
+        Parameters
+        ----------
+        seed
+            Any non-negative integer.
+        device
+            Where the trainable parameters live: Opacus draws the noise there with this generator.
+        """
+        sampling, noise = (int(s.generate_state(1, np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(2))
+        return cls(torch.Generator().manual_seed(sampling), torch.Generator(device=device).manual_seed(noise))
+
+
+class LocalRun(Protocol):
+    """What :func:`train_step` needs: :class:`PlainRun` or :class:`fedtune.privacy.PrivateRun`."""
+
+    module: nn.Module
+    optimizer: Any
+    device: torch.device
+    steps_taken: int
+
+    def backward(self, losses: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def empty_step(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class PlainRun:
+    """The non-private counterpart of :class:`fedtune.privacy.PrivateRun`: the model and optimizer as they are."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    steps_taken: int = 0
+
+    def backward(self, losses: torch.Tensor) -> None:
+        losses.mean().backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.steps_taken += 1
+
+    def empty_step(self) -> None:
+        """Nothing to hide without DP: an empty batch is skipped."""
+
+    def close(self) -> None:
+        """Nothing to undo."""
+
+
+class ShuffledBatches(Sampler[list[int]]):
+    """Endless batches of ``batch_size`` indices walking permutations drawn from ``generator`` (epochs roll over)."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
+        if size < 1 or batch_size < 1:
+            raise ValueError("size and batch_size must be >= 1")
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order: list[int] = []
+        while True:
+            if len(order) < self.batch_size:
+                order += torch.randperm(self.size, generator=self.generator).tolist()
+            batch, order = order[: self.batch_size], order[self.batch_size :]
+            yield batch
+
+
+def causal_lm_loss(module: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-sequence mean next-token loss, shape ``(batch,)``, from ``input_ids`` and ``attention_mask``.
+
+    Only those two keys reach the model: HF's ``labels=`` loss averages over the whole batch and would
+    couple the samples, so a ``labels`` entry is ignored on purpose.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    output = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return per_sequence_loss(output.logits, input_ids, attention_mask)
+
+
+def train_step(run: LocalRun, batch: Any, loss_fn: LossFn = causal_lm_loss) -> float | None:
+    """One optimizer step on ``batch``; the mean per-sequence loss, or ``None`` for an empty batch.
+
+    An empty batch (see :func:`fedtune.privacy.batch_rows`) takes ``run.empty_step()``: a noise-only step under
+    DP, nothing without. ``loss_fn(module, batch)`` must return one loss per sequence (shape ``(batch,)``):
+    their mean is the ``loss_reduction="mean"`` Opacus assumes when it rescales per-sample gradients.
+
+    Parameters
+    ----------
+    run
+        The wrapped model and optimizer.
+    batch
+        A mapping of tensors (``input_ids``, ``attention_mask``; right padding is fine), moved to ``run.device``.
+    loss_fn
+        Per-sequence loss; defaults to :func:`causal_lm_loss`.
+    """
+    run.optimizer.zero_grad(set_to_none=True)
+    if batch_rows(batch) == 0:
+        run.empty_step()
+        return None
+    losses = loss_fn(run.module, {k: v.to(run.device, non_blocking=True) for k, v in batch.items()})
+    if losses.dim() != 1:
+        raise ValueError(f"loss_fn must return per-sample losses of shape (batch,), got {tuple(losses.shape)}")
+    run.backward(losses)
+    run.step()
+    return float(losses.detach().mean())
+
+
+def _endless(loader: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def _optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable_parameters(model), lr=learning_rate, weight_decay=0.0)
 
 
 def train_local(
-    model: torch.nn.Module, shard: TokenizedSet, steps: int, batch_size: int, learning_rate: float, seed: int
-) -> TrainResult:
-    """Run ``steps`` AdamW steps on the trainable adapter with the per-sequence mean loss.
-
-    The loss is the mean of each sequence's mean token loss (not HF's batch-wide token mean), so each
-    sample's gradient is independent of the others' lengths, as DP-SGD requires.
-    """
-    device = next(model.parameters()).device
-    optimizer = _optimizer(model, learning_rate)
-    model.train()
-    start = time.perf_counter()
-    examples = tokens = 0
-    loss_sum = 0.0
-    for batch in shard.batches(batch_size, steps, seed):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**batch).logits
-        loss = per_sequence_loss(logits, batch["input_ids"], batch["attention_mask"]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += float(loss.detach())
-        examples += batch["input_ids"].shape[0]
-        tokens += int(token_counts(batch["attention_mask"]).sum())
-    return TrainResult(
-        examples=examples,
-        tokens=tokens,
-        train_loss=loss_sum / max(steps, 1),
-        wall_s=time.perf_counter() - start,
-        steps=steps,
-    )
-
-
-def train_local_private(
-    model: torch.nn.Module,
+    model: nn.Module,
     shard: TokenizedSet,
+    *,
     steps: int,
     batch_size: int,
     learning_rate: float,
-    seed: int,
-    privacy: ContributorPrivacy,
+    randomness: Randomness,
+    privacy: ContributorPrivacy | None = None,
+    loss_fn: LossFn = causal_lm_loss,
 ) -> TrainResult:
-    """DP-SGD (DP-AdamW) for ``steps`` Poisson-sampled batches, accounted in the contributor's lifetime budget.
+    """Run ``steps`` AdamW steps on the trainable adapter; DP-SGD (DP-AdamW) when ``privacy`` says so.
 
-    The accountant's history is saved to the contributor's state dir before this returns, so the ε
-    spent is on disk before the update leaves the machine.
+    Without DP the batches are ``batch_size`` shuffled examples. With DP they are Poisson-sampled at
+    ``privacy.sample_rate`` (expected size ``batch_size``), every step clips and noises, an empty batch takes a
+    noise-only step, and the contributor's accountant records the steps actually taken (also when training
+    raises) and is saved to its state dir before this returns, so the ε spent is on disk before the update
+    leaves the machine.
+
+    Parameters
+    ----------
+    model
+        The model with its adapter attached; its parameters that require grad are trained.
+    shard
+        The contributor's tokenized examples.
+    steps, batch_size, learning_rate
+        What the coordinator assigned.
+    randomness
+        Sources of batch sampling and DP noise.
+    privacy
+        The contributor's accounting (``None``: no accountant at all, as when the campaign trains without DP).
+    loss_fn
+        Per-sequence loss; defaults to :func:`causal_lm_loss`.
+
+    Returns
+    -------
+    TrainResult
+        Sequences and tokens seen, the mean loss over non-empty steps (0 if none), wall time, steps and, with
+        ``privacy``, its summary.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        Before any step, when ``steps`` more would take the contributor past its budget.
     """
-    loader = DataLoader(range(len(shard)), batch_size=batch_size, collate_fn=shard.collate)
-    tokens = 0
-
-    def counting_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        nonlocal tokens
-        tokens += int(token_counts(batch["attention_mask"]).sum())
-        return causal_lm_loss(module, batch)
-
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    if len(shard) == 0:
+        raise ValueError("the shard is empty: nothing to train on")
+    if privacy is not None:
+        ok, reason = privacy.check_round(steps)
+        if not ok:
+            raise PrivacyBudgetExceeded(reason)
+    optimizer = _optimizer(model, learning_rate)
+    run: LocalRun
+    if privacy is not None and privacy.params.private:
+        run = make_private(
+            model,
+            optimizer,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.params.max_grad_norm,
+            expected_batch_size=privacy.sample_rate * len(shard),
+            grad_sample_mode=privacy.params.grad_sample_mode,
+            noise_generator=randomness.noise,
+        )
+        loader: Iterable[Any] = poisson_loader(shard, privacy.sample_rate, shard.pad, randomness.sampling)
+    else:
+        model.train()
+        run = PlainRun(model, optimizer, trainable_parameters(model)[0].device)
+        batches = ShuffledBatches(len(shard), batch_size, randomness.sampling)
+        loader = DataLoader(shard, batch_sampler=batches, collate_fn=shard.pad)
     start = time.perf_counter()
-    sample_gen = torch.Generator().manual_seed(seed)
-    with privacy.make_private(model, _optimizer(model, learning_rate), loader, sample_generator=sample_gen) as run:
-        metrics = run.train_steps(steps, counting_loss)
-    privacy.save()
-    loss = float(metrics["loss"])
+    losses: list[float] = []
+    examples = tokens = empty = 0
+    try:
+        batches_iter = _endless(loader)
+        for _ in range(steps):
+            batch = next(batches_iter)
+            loss = train_step(run, batch, loss_fn)
+            if loss is None:
+                empty += 1
+                continue
+            losses.append(loss)
+            examples += batch_rows(batch)
+            tokens += int(token_counts(batch["attention_mask"]).sum())
+    finally:
+        run.close()  # Opacus' hooks off, so the same model can be wrapped again next round
+        if privacy is not None:
+            privacy.record_round(run.steps_taken)
+            privacy.save()
     return TrainResult(
-        examples=int(metrics["samples"]),
+        examples=examples,
         tokens=tokens,
-        train_loss=loss if loss == loss else 0.0,
+        train_loss=float(np.mean(losses)) if losses else 0.0,
         wall_s=time.perf_counter() - start,
-        steps=int(metrics["steps"]),
-        privacy=privacy.summary(),
+        steps=steps,
+        empty_batches=empty,
+        privacy=privacy.summary() if privacy is not None else {},
     )

@@ -7,7 +7,6 @@ simulation a virtual contributor loads only its own partition and never sees the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +97,11 @@ def _label_column(cfg: CampaignConfig, pool: Dataset) -> str:
 
 
 @dataclass
-class TokenizedSet:
-    """Token ids of each example, unpadded; batches are padded on demand."""
+class TokenizedSet(torch.utils.data.Dataset[list[int]]):
+    """Token ids of each example, unpadded: a map-style dataset (item = one example's ids), padded by :meth:`pad`.
+
+    Items are lists, not indices: Opacus' ``DPDataLoader`` inspects ``dataset[0]`` to shape empty batches.
+    """
 
     ids: list[list[int]]
     pad_id: int
@@ -107,8 +109,11 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = [self.ids[i] for i in indices]
+    def __getitem__(self, index: int) -> list[int]:
+        return self.ids[index]
+
+    def pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-pad ``rows`` to the longest one; padding has ``attention_mask == 0`` (a loader's collate_fn)."""
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -117,15 +122,8 @@ class TokenizedSet:
             mask[i, : len(r)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def batches(self, batch_size: int, steps: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """``steps`` batches, walking seeded permutations of the set (epochs as needed)."""
-        gen = torch.Generator().manual_seed(seed)
-        order: list[int] = []
-        for _ in range(steps):
-            if len(order) < batch_size:
-                order += torch.randperm(len(self), generator=gen).tolist()
-            batch, order = order[:batch_size], order[batch_size:]
-            yield self.collate(batch)
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.pad([self.ids[i] for i in indices])
 
     def tokens(self) -> int:
         return sum(len(r) - 1 for r in self.ids)

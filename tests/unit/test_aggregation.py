@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.clients.trainer import train_local
+from fedtune.clients.trainer import Randomness, train_local
 from fedtune.config import CampaignConfig
 from fedtune.ml.data import load_raw, partition, split_eval, tokenize
 from fedtune.ml.model import build_model, load_trainable, trainable_arrays
@@ -36,7 +36,10 @@ def train_clients(mode: str) -> tuple[dict, list[dict], list[int], dict]:
     for cid in range(N_CLIENTS):
         load_trainable(model, start)
         shard = tokenize(cfg.data, partition(cfg, pool, cid, N_CLIENTS), tok)
-        res = train_local(model, shard, steps=4 + 2 * cid, batch_size=2 + cid, learning_rate=0.05, seed=cid)
+        randomness = Randomness.from_seed(cid)
+        res = train_local(
+            model, shard, steps=4 + 2 * cid, batch_size=2 + cid, learning_rate=0.05, randomness=randomness
+        )
         ends.append(trainable_arrays(model))
         weights.append(res.examples)
     return cfg, start, ends, weights, frozen

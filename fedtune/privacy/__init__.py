@@ -1,0 +1,64 @@
+"""Record-level differential privacy for a contributor's local training (DP-SGD with Opacus).
+
+The coordinator is not trusted, so the guarantee is made on the contributor: every local step clips each
+sequence's gradient and adds Gaussian noise, and one Opacus accountant covers the contributor's whole
+participation, not a single round. One job per module:
+
+- :mod:`~fedtune.privacy.params`: the ``[privacy]`` parameters, δ and the Poisson sampling rate;
+- :mod:`~fedtune.privacy.accounting`: one-time calibration, the accountant persisted in the contributor's
+  state dir, ε queries and the budget check (:class:`ContributorPrivacy`);
+- :mod:`~fedtune.privacy.dpsgd`: Opacus' wrappers for a private step and its ``DPDataLoader``;
+- :mod:`~fedtune.privacy.clipping`: bounding the round's update before it is masked.
+
+The loop is :func:`fedtune.clients.trainer.train_local`, one for plain and DP training. Per round::
+
+    privacy = ContributorPrivacy.load(state_dir, params, shard_size=n, batch_size=b, local_steps=k)
+    ok, reason = privacy.check_round(k)            # decline the round if not ok
+    result = train_local(model, shard, steps=k, ..., randomness=randomness, privacy=privacy)
+    # train_local records the steps taken (also when training raised) and saves before it returns
+"""
+
+from __future__ import annotations
+
+from .accounting import (
+    STATE_FILE,
+    SUMMARY_FILE,
+    ContributorPrivacy,
+    PrivacyBudgetExceeded,
+    calibrate_noise,
+    epsilon_of,
+    restore_accountant,
+)
+from .clipping import clip_update
+from .dpsgd import (
+    PrivateRun,
+    batch_rows,
+    enable_dp_gradient_checkpointing,
+    make_private,
+    poisson_loader,
+    trainable_parameters,
+)
+from .params import AccountantKind, GradSampleMode, Mechanism, PrivacyParams, default_delta, sample_rate_for
+
+__all__ = [
+    "STATE_FILE",
+    "SUMMARY_FILE",
+    "AccountantKind",
+    "ContributorPrivacy",
+    "GradSampleMode",
+    "Mechanism",
+    "PrivacyBudgetExceeded",
+    "PrivacyParams",
+    "PrivateRun",
+    "batch_rows",
+    "calibrate_noise",
+    "clip_update",
+    "default_delta",
+    "enable_dp_gradient_checkpointing",
+    "epsilon_of",
+    "make_private",
+    "poisson_loader",
+    "restore_accountant",
+    "sample_rate_for",
+    "trainable_parameters",
+]
