@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,10 +51,6 @@ UPDATE = "secagg-update"  # ArrayRecord: the float vector to mask
 REPORT = "secagg-report"  # MetricRecord (TrainReport) + ConfigRecord (ContributorInfo) below: for masked_input
 WHO = "secagg-contributor"
 _SIM_IDENTITY_DOMAIN = b"fedtune/simulated-secagg-identity/v1\x00"
-
-FAIL_ENV = "FEDTUNE_TEST_SECAGG_FAIL"
-"""TEST-ONLY fault injection: ``stage:partition[:round]`` entries, comma separated. A simulated contributor
-of that partition raises in that stage (of that round, or of every round), as a crashing client would."""
 
 
 class LocalUpdateLike(Protocol):
@@ -97,20 +92,9 @@ def identity_key(context: Context, seed: int) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(material).digest())
 
 
-def _injected_failure(stage: str, context: Context, server_round: int) -> None:
-    """TEST-ONLY: raise where :data:`FAIL_ENV` asks (never set outside tests)."""
-    spec = os.environ.get(FAIL_ENV, "")
-    partition = str(context.node_config.get("partition-id", ""))
-    for entry in filter(None, (e.strip() for e in spec.split(","))):
-        want_stage, want_partition, *want_round = entry.split(":")
-        if (want_stage, want_partition) == (stage, partition) and want_round in ([], [str(server_round)]):
-            raise RuntimeError(f"test-only failure injected by {FAIL_ENV}={spec!r} in {stage}, round {server_round}")
-
-
 def handle_stage(stage: str, trainer: Trainer, message: Message, context: Context) -> Message:
     """Entry point of every ``train.secagg_<stage>`` message. An exception means no valid reply."""
     request = SecAggRequest.read(message.content, stage)
-    _injected_failure(stage, context, int(request.msg["round"]))
     if stage == ADVERTISE:
         return _advertise(message, context, request, trainer)
     return _continue(stage, message, context, request.msg)
