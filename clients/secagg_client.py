@@ -35,6 +35,9 @@ from fedtune.secagg.campaign import encode_update, quant_config
 from fedtune.secagg.crypto import identity_public_bytes
 from fedtune.wire import (
     SECAGG_IDENTITY,
+    SECAGG_REGISTRY_IDS,
+    SECAGG_REGISTRY_KEYS,
+    SECAGG_WEIGHT_MAX,
     ContributorInfo,
     SecAggReply,
     SecAggRequest,
@@ -121,7 +124,7 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
     quant = quant_config(cfg)
     client = SecAggClient(node, identity, {node: public}, cfg.campaign.name, round_id=int(msg["round"]), quant=quant)
     reply = client.handle(msg)
-    ratio = min(1.0, float(update.report.num_examples) / float(msg["weight_max"]))
+    ratio = min(1.0, float(update.report.num_examples) / float(msg[SECAGG_WEIGHT_MAX]))
     vector = encode_update(update.start, update.end, ratio, quant.clip)
     context.state[STATE] = ConfigRecord(client.export_state())
     context.state[META] = ConfigRecord({"seed": cfg.campaign.seed, "min-cohort": cfg.secure_aggregation.min_cohort})
@@ -134,12 +137,13 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
 
 def _registry(meta: ConfigRecord, request: dict[str, Any], node: int, public: bytes) -> dict[int, bytes]:
     """Identity keys to verify peers with: sent by the coordinator in share_keys, kept for unmask."""
-    if "registry_ids" in request:
-        registry = {int(v): bytes(k) for v, k in zip(request["registry_ids"], request["registry_keys"], strict=True)}
+    ids, keys = SECAGG_REGISTRY_IDS, SECAGG_REGISTRY_KEYS
+    if ids in request:
+        registry = {int(v): bytes(k) for v, k in zip(request[ids], request[keys], strict=True)}
         if registry.get(node) != public:
             raise SecAggCryptoError("the coordinator's key directory does not hold this contributor's identity key")
-        meta["registry_ids"], meta["registry_keys"] = list(registry), list(registry.values())
-    return {int(v): bytes(k) for v, k in zip(meta.get("registry_ids", []), meta.get("registry_keys", []), strict=True)}
+        meta[ids], meta[keys] = list(registry), list(registry.values())
+    return {int(v): bytes(k) for v, k in zip(meta.get(ids, []), meta.get(keys, []), strict=True)}
 
 
 def _continue(stage: str, message: Message, context: Context, request: dict[str, Any]) -> Message:

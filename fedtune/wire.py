@@ -79,7 +79,10 @@ DECLINED = "declined"
 EPSILON = "epsilon"
 REASON_TEXT = "reason"
 CONTRIBUTOR_ID, CONTRIBUTOR_NAME, CONTRIBUTOR_TEAM, PEAK_FLOPS = "id", "name", "team", "peak-flops"
-SECAGG_IDENTITY = "identity"  # the advertise reply's Ed25519 identity public key (32 bytes)
+# fields fedtune adds to SecAgg+ protocol messages
+SECAGG_IDENTITY = "identity"  # advertise reply: the contributor's Ed25519 identity public key (32 bytes)
+SECAGG_WEIGHT_MAX = "weight_max"  # advertise request: the largest example weight the server assigns
+SECAGG_REGISTRY_IDS, SECAGG_REGISTRY_KEYS = "registry_ids", "registry_keys"  # share_keys request: pinned keys
 
 # the SecAgg+ stages whose messages carry more than the protocol message (``fedtune.secagg.STAGES`` names them)
 SECAGG_ADVERTISE, SECAGG_MASKED_INPUT = "advertise", "masked_input"
@@ -411,7 +414,8 @@ class SecAggRequest:
     Parameters
     ----------
     msg : dict
-        The protocol message (:mod:`fedtune.secagg.protocol`), plus ``weight_max`` in ``advertise``.
+        The protocol message (:mod:`fedtune.secagg.protocol`), plus :data:`SECAGG_WEIGHT_MAX` in ``advertise``
+        and the coordinator's key directory (:data:`SECAGG_REGISTRY_IDS`, ``..._KEYS``) in ``share_keys``.
     train : TrainRequest, optional
         ``advertise`` only: the round's train request (contributors train in that stage).
     """
@@ -431,8 +435,13 @@ class SecAggRequest:
 
     @classmethod
     def read(cls, content: RecordDict, stage: str) -> SecAggRequest:
-        msg = _secagg_message(content, stage, f"secagg {stage} request", reply=False)
-        return cls(msg, TrainRequest.read(content) if stage == SECAGG_ADVERTISE else None)
+        where = f"secagg {stage} request"
+        msg = _secagg_message(content, stage, where, reply=False)
+        if stage != SECAGG_ADVERTISE:
+            return cls(msg)
+        if not _field(msg, SECAGG_WEIGHT_MAX, float, where) > 0:
+            raise WireError(f"{where}: field {SECAGG_WEIGHT_MAX!r} must be positive")
+        return cls(msg, TrainRequest.read(content))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ from fedtune.secagg import STAGES, SecAggAbort, SecAggError, SecAggParams, SecAg
 from fedtune.secagg.campaign import check_setup, decode_mean, flatten, quant_config, round_degree, unflatten
 from fedtune.wire import (
     SECAGG_IDENTITY,
+    SECAGG_REGISTRY_IDS,
+    SECAGG_REGISTRY_KEYS,
+    SECAGG_WEIGHT_MAX,
     SecAggReply,
     SecAggRequest,
     TrainRequest,
@@ -222,7 +225,7 @@ class SecureRound:
         Identity keys are checked against the pinned registry before the protocol server sees them.
         """
         advertise = SecAggRequest(
-            {**SecAggServer(params, {}).advertise_request(), "weight_max": self.weight_max}, train=request
+            {**SecAggServer(params, {}).advertise_request(), SECAGG_WEIGHT_MAX: self.weight_max}, train=request
         )
         replies = self._exchange(
             grid, request.server_round, ADVERTISE, {n: advertise for n in fates.cohort}, fates, stage_s
@@ -267,7 +270,7 @@ class SecureRound:
             if stage == SHARE_KEYS:  # every advertiser's pinned key, to check neighbours' and signers' signatures
                 ids = sorted(requests)
                 keys = [registry[v] for v in ids]
-                requests = {u: {**r, "registry_ids": ids, "registry_keys": keys} for u, r in requests.items()}
+                requests = {u: {**r, SECAGG_REGISTRY_IDS: ids, SECAGG_REGISTRY_KEYS: keys} for u, r in requests.items()}
             replies = self._exchange(
                 grid, server_round, stage, {u: SecAggRequest(r) for u, r in requests.items()}, fates, stage_s
             )

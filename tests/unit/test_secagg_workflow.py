@@ -116,7 +116,7 @@ def test_contributor_refuses_a_cohort_below_its_minimum() -> None:
         raise RuntimeError("stop before training")
 
     train = TrainRequest.of(cfg, "fingerprint", 1, {"b": np.zeros(3, dtype=np.float32)})
-    advertise = {"campaign_id": "test", "round": 1, "stage": "advertise", "cohort": [5, 9]}
+    advertise = {"campaign_id": "test", "round": 1, "stage": "advertise", "cohort": [5, 9], "weight_max": 12.0}
     message = SimpleNamespace(content=SecAggRequest(advertise, train).content())
     with pytest.raises(RuntimeError, match="stop before training"):
         handle_stage("advertise", trainer, message, _context())

@@ -95,7 +95,7 @@ def test_decline_round_trip_and_dispatch() -> None:
 
 
 def test_secagg_messages_round_trip() -> None:
-    advertise = {**HEADER, "stage": "advertise", "cohort": [2**64 - 1, 3], "graph_seed": b"\x01" * 32}
+    advertise = {**HEADER, "stage": "advertise", "cohort": [2**64 - 1, 3], wire.SECAGG_WEIGHT_MAX: 12.0}
     got = SecAggRequest.read(SecAggRequest(advertise, request()).content(), "advertise")
     assert got.msg == advertise and got.stage == "advertise" and got.train is not None and got.train.server_round == 2
     unmask = {**HEADER, "stage": "unmask", "survivors": [1, 2], "signatures": [b"a", b"b"]}
@@ -186,8 +186,14 @@ MALFORMED: dict[str, tuple[Callable[[], object], str]] = {
         "'round'",
     ),
     "advertise request without the train request": (
-        lambda: SecAggRequest.read(SecAggRequest({**HEADER, "stage": "advertise"}).content(), "advertise"),
+        lambda: SecAggRequest.read(
+            SecAggRequest({**HEADER, "stage": "advertise", "weight_max": 1.0}).content(), "advertise"
+        ),
         "train request",
+    ),
+    "advertise request without the weight bound": (
+        lambda: SecAggRequest.read(SecAggRequest({**HEADER, "stage": "advertise"}, request()).content(), "advertise"),
+        "'weight_max'",
     ),
     "secagg reply without sender": (
         lambda: SecAggReply.read(without(ADVERTISE_REPLY, wire.SECAGG, "sender"), "advertise"),
