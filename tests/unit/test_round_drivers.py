@@ -181,3 +181,20 @@ def test_plain_round_refuses_misshapen_updates_and_caps_claimed_examples(tmp_pat
     exact = {k: v + np.mean([delta(p, v) for p in kept], axis=0) for k, v in START.items()}
     for k, v in exact.items():  # partition 0 weighs as much as anyone, not 10^6 / 12 times more
         np.testing.assert_allclose(result.arrays[k], v, atol=1e-7)
+
+
+def test_fedtune_contributors_decline_a_foreign_base_and_refuse_a_malformed_request(tmp_path: Path) -> None:
+    """fedtune's own ClientApp, untouched: its decline and its refusal reach the server as a decline and a failure."""
+    from fedtune.clients.app import app
+
+    cfg = campaign(False)
+    nodes = {node: {"partition-id": p} for node, p in NODES.items() if p < 3}
+    foreign = TrainRequest.of(cfg, "0" * 64, 1, START, str(tmp_path / "contributors"))
+    result = PlainRound(cfg).run(InProcessGrid(app, nodes), build_strategy(cfg, 3), foreign)
+    assert {o.status for o in result.outcomes} == {"declined"} and not result.applied
+    assert all("fingerprint" in o.reason and o.contributor.name.startswith("sim-") for o in result.outcomes)
+
+    broken = TrainRequest("campaign = [", foreign.base_fingerprint, 1, foreign.arrays)  # not a campaign file
+    result = PlainRound(cfg).run(InProcessGrid(app, nodes), build_strategy(cfg, 3), broken)
+    assert {o.status for o in result.outcomes} == {"failed"}
+    assert all("WireError" in o.reason and "campaign-toml" in o.reason for o in result.outcomes)
