@@ -1,13 +1,17 @@
 """The fedtune ClientApp: what runs on a contributor for each round (Flower Message API).
 
-The coordinator's train message carries the campaign config, the base fingerprint and the current
-shared adapter tensors. The contributor checks the fingerprint, trains on its own shard, and replies
-with its new adapter tensors and what it did. A contributor that will not train this round (a foreign
-base, later: a spent privacy budget) replies with ``declined = 1`` and its reason.
+The coordinator's train message (:class:`fedtune.wire.TrainRequest`) carries the campaign config, the base
+fingerprint and the current shared adapter tensors. The contributor checks the fingerprint, its privacy budget
+and (under SecAgg+) the cohort against its own policy, trains on its own shard, and replies with its new adapter
+tensors and what it did (:class:`~fedtune.wire.TrainReply`). A contributor that will not train this round (a
+foreign base, a spent privacy budget) replies with a :class:`~fedtune.wire.Decline` and its reason; a request
+that is not well-formed is refused (the handler raises :class:`~fedtune.wire.WireError`, the coordinator sees
+an error reply). Every message is built and read by :mod:`fedtune.wire`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
@@ -31,9 +35,17 @@ from fedtune.ml.model import (
     trainable_arrays,
 )
 from fedtune.privacy import ContributorPrivacy, PrivacyParams, clip_update
-from fedtune.wire import arrays_from_record, arrays_to_record, campaign_from_record
+from fedtune.wire import (
+    ContributorInfo,
+    Decline,
+    TrainReply,
+    TrainReport,
+    TrainRequest,
+    arrays_from_record,
+    arrays_to_record,
+)
 
-from .secagg_client import register_secagg_handlers
+from .secagg_client import Trainer, register_secagg_handlers
 from .trainer import Randomness, train_local
 
 log = logging.getLogger("fedtune.client")
@@ -69,7 +81,7 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
 
 
-def identity_record(cfg: CampaignConfig, context: Context) -> ConfigRecord:
+def contributor_info(cfg: CampaignConfig, context: Context) -> ContributorInfo:
     """Who this contributor is, for the coordinator's credit ledger.
 
     A deployed contributor's join agent puts its key-derived id, name, team and benchmarked peak FLOP/s
@@ -77,16 +89,14 @@ def identity_record(cfg: CampaignConfig, context: Context) -> ConfigRecord:
     """
     node = context.node_config
     if "contributor-id" in node:
-        return ConfigRecord(
-            {
-                "id": str(node["contributor-id"]),
-                "name": str(node.get("name", "")),
-                "team": str(node.get("team", "")),
-                "peak-flops": float(node.get("peak-flops", 0.0)),
-            }
+        return ContributorInfo(
+            id=str(node["contributor-id"]),
+            name=str(node.get("name", "")),
+            team=str(node.get("team", "")) or None,
+            declared_peak_flops=float(node.get("peak-flops", 0.0)) or None,
         )
     who = simulated_identity(cfg.campaign.name, _partition(context)[0])
-    return ConfigRecord({"id": who.id, "name": who.name, "team": who.team or "", "peak-flops": 0.0})
+    return ContributorInfo(who.id, who.name, who.team)
 
 
 def record_round(context: Context, row: dict) -> None:
@@ -98,33 +108,22 @@ def record_round(context: Context, row: dict) -> None:
             fh.write(json.dumps({**row, "time": time.time()}, sort_keys=True) + "\n")
 
 
-def decline(
-    message: Message, reason: str, who: ConfigRecord, epsilon: float | None = None, context: Context | None = None
-) -> Message:
+def decline(message: Message, context: Context, server_round: int, why: Decline) -> Message:
     """Reply that this contributor does not train this round, and why (the server logs it)."""
-    log.warning("declining round: %s", reason)
-    if context is not None:
-        record_round(
-            context,
-            {
-                "round": int(message.content["config"]["server-round"]),
-                "declined": True,
-                "reason": reason,
-                "epsilon": epsilon,
-            },
-        )
-    metrics = MetricRecord({"declined": 1, "num-examples": 0} | ({} if epsilon is None else {"epsilon": epsilon}))
-    content = RecordDict({"metrics": metrics, "reason": ConfigRecord({"reason": reason}), "contributor": who})
-    return Message(content=content, reply_to=message)
+    log.warning("declining round %d: %s", server_round, why.reason)
+    record_round(context, {"round": server_round, "declined": True, "reason": why.reason, "epsilon": why.epsilon})
+    return Message(content=why.content(), reply_to=message)
 
 
-def state_dir(context: Context, round_cfg: ConfigRecord, contributor: str) -> Path:
+def state_dir(context: Context, request: TrainRequest, contributor: str) -> Path:
     """The contributor's own state (privacy accountant): ``--state-dir`` when deployed, in the run dir in
     simulation."""
     node = context.node_config
     if "state-dir" in node:
         return Path(str(node["state-dir"]))
-    return Path(str(round_cfg["state-root"])) / contributor
+    if not request.state_root:
+        raise ValueError("no state dir: set the node config 'state-dir' (fedtune join does)")
+    return Path(request.state_root) / contributor
 
 
 def load_privacy(cfg: CampaignConfig, context: Context, folder: Path, shard_size: int) -> ContributorPrivacy | None:
@@ -155,46 +154,48 @@ class LocalUpdate:
     cfg: CampaignConfig
     start: dict[str, np.ndarray]
     end: dict[str, np.ndarray]
-    metrics: MetricRecord
-    who: ConfigRecord
+    report: TrainReport
+    who: ContributorInfo
 
 
 def local_update(
-    message: Message, context: Context, refuse: Callable[[CampaignConfig], str | None] | None = None
+    message: Message,
+    request: TrainRequest,
+    context: Context,
+    refuse: Callable[[CampaignConfig], str | None] | None = None,
 ) -> LocalUpdate | Message:
     """Every contributor-side check, then local training: a decline reply, or the update to send.
 
     ``refuse`` adds a reason to decline (checked before the privacy budget and training, so a refused
     round costs neither); the plain and the secure-aggregation handlers share everything else.
     """
-    cfg_toml, cfg = campaign_from_record(message.content["config"])
+    cfg, server_round = request.campaign(), request.server_round
     if str(context.node_config.get("data", "")):  # a deployed contributor trains on its own data
         cfg.data.source = str(context.node_config["data"])
-    round_cfg = message.content["config"]
-    who = identity_record(cfg, context)
+    who = contributor_info(cfg, context)
     try:
-        check_fingerprint(cfg.model, str(round_cfg["base-fingerprint"]))
+        check_fingerprint(cfg.model, request.base_fingerprint)
     except FingerprintMismatch as exc:
-        return decline(message, str(exc), who, context=context)
+        return decline(message, context, server_round, Decline(str(exc), who))
     if refuse is not None and (reason := refuse(cfg)) is not None:
-        return decline(message, reason, who, context=context)
+        return decline(message, context, server_round, Decline(reason, who))
     partition_id, num_partitions = _partition(context)
     ws = _workspace(
         cfg,
-        hashlib.sha256(cfg_toml.encode()).hexdigest(),
+        hashlib.sha256(request.campaign_toml.encode()).hexdigest(),
         partition_id,
         num_partitions,
         str(context.node_config.get("device", "cpu")),
     )
     fed = cfg.federation
-    privacy = load_privacy(cfg, context, state_dir(context, round_cfg, str(who["id"])), len(ws.shard))
+    privacy = load_privacy(cfg, context, state_dir(context, request, who.id), len(ws.shard))
     if privacy is not None:
         ok, reason = privacy.check_round(fed.local_steps)
         if not ok:
-            return decline(message, reason, who, privacy.epsilon_spent(), context=context)
-    start = arrays_from_record(message.content["arrays"])
+            return decline(message, context, server_round, Decline(reason, who, privacy.epsilon_spent()))
+    start = arrays_from_record(request.arrays)
     load_trainable(ws.model, start)
-    seed = cfg.campaign.seed * 1_000_003 + int(round_cfg["server-round"]) * 1009 + partition_id
+    seed = cfg.campaign.seed * 1_000_003 + server_round * 1009 + partition_id
     randomness = Randomness.from_seed(seed, device=next(ws.model.parameters()).device)
     result = train_local(
         ws.model,
@@ -208,23 +209,20 @@ def local_update(
     end = trainable_arrays(ws.model)
     if cfg.privacy.update_clip_norm > 0:
         end = clipped_update(start, end, cfg.privacy.update_clip_norm)
-    metrics = MetricRecord(
-        {
-            # weight by the assigned batch count, not the Poisson draw, so the weight says nothing about the data
-            "num-examples": fed.local_steps * fed.batch_size,
-            "samples": result.examples,
-            "tokens": result.tokens,
-            "train_loss": result.train_loss,
-            "wall_s": result.wall_s,
-            "steps": result.steps,
-            "declined": 0,
-            **({"epsilon": float(result.privacy["epsilon_spent"])} if result.privacy else {}),
-        }
+    report = TrainReport(
+        # weight by the assigned batch count, not the Poisson draw, so the weight says nothing about the data
+        num_examples=fed.local_steps * fed.batch_size,
+        samples=result.examples,
+        tokens=result.tokens,
+        train_loss=result.train_loss,
+        wall_s=result.wall_s,
+        steps=result.steps,
+        epsilon=float(result.privacy["epsilon_spent"]) if result.privacy else None,
     )
     record_round(
         context,
         {
-            "round": int(round_cfg["server-round"]),
+            "round": server_round,
             "examples": result.examples,
             "tokens": result.tokens,
             "train_loss": result.train_loss,
@@ -232,16 +230,22 @@ def local_update(
             "epsilon": result.privacy.get("epsilon_spent"),
         },
     )
-    return LocalUpdate(cfg, start, end, metrics, who)
+    return LocalUpdate(cfg, start, end, report, who)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    update = local_update(message, context)
+def handle_train(trainer: Trainer, message: Message, context: Context) -> Message:
+    """A plain round's ``train`` message: train and send the new adapter, or decline."""
+    update = trainer(message, TrainRequest.read(message.content), context)
     if isinstance(update, Message):
         return update
-    content = RecordDict({"arrays": arrays_to_record(update.end), "metrics": update.metrics, "contributor": update.who})
-    return Message(content=content, reply_to=message)
+    reply = TrainReply(arrays_to_record(update.end), update.report, update.who)
+    return Message(content=reply.content(), reply_to=message)
 
 
-register_secagg_handlers(app, local_update)
+def register_handlers(client_app: ClientApp, trainer: Trainer) -> None:
+    """Register the plain ``train`` handler and the SecAgg+ stage handlers; ``trainer`` runs the local round."""
+    client_app.train()(functools.partial(handle_train, trainer))
+    register_secagg_handlers(client_app, trainer)
+
+
+register_handlers(app, local_update)

@@ -10,6 +10,8 @@ put there; it is reloaded for every stage. The update is dropped once masked, th
 The first stage trains (with every check of the plain round: base fingerprint, privacy budget) and also
 refuses a cohort smaller than ``[secure_aggregation] min_cohort``; the consistency stage refuses to sign a
 survivor set that small, because the unmasked sum of a few inputs says too much about each of them.
+Requests and replies are :class:`fedtune.wire.SecAggRequest` / :class:`fedtune.wire.SecAggReply`; a request
+that is not well-formed raises :class:`fedtune.wire.WireError` (no reply).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,13 +26,24 @@ from typing import Any, Protocol
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
 from fedtune.secagg import STAGES, SecAggAbort, SecAggClient, SecAggCryptoError, SecAggProtocolError
+from fedtune.secagg.campaign import encode_update, quant_config
 from fedtune.secagg.crypto import identity_public_bytes
-from fedtune.secagg.flower import encode_update, from_content, quant_config, to_content
+from fedtune.wire import (
+    SECAGG_IDENTITY,
+    SECAGG_REGISTRY_IDS,
+    SECAGG_REGISTRY_KEYS,
+    SECAGG_WEIGHT_MAX,
+    ContributorInfo,
+    SecAggReply,
+    SecAggRequest,
+    TrainReport,
+    secagg_action,
+)
 
 log = logging.getLogger("fedtune.client.secagg")
 
@@ -39,13 +51,9 @@ ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK = STAGES
 STATE = "secagg"  # ConfigRecord: SecAggClient.export_state()
 META = "secagg-meta"  # ConfigRecord: identity seed, minimum cohort, the coordinator's key directory
 UPDATE = "secagg-update"  # ArrayRecord: the float vector to mask
-REPORT = "secagg-report"  # MetricRecord + ConfigRecord below: what the masked_input reply reports
+REPORT = "secagg-report"  # MetricRecord (TrainReport) + ConfigRecord (ContributorInfo) below: for masked_input
 WHO = "secagg-contributor"
 _SIM_IDENTITY_DOMAIN = b"fedtune/simulated-secagg-identity/v1\x00"
-
-FAIL_ENV = "FEDTUNE_TEST_SECAGG_FAIL"
-"""TEST-ONLY fault injection: ``stage:partition[:round]`` entries, comma separated. A simulated contributor
-of that partition raises in that stage (of that round, or of every round), as a crashing client would."""
 
 
 class LocalUpdateLike(Protocol):
@@ -54,17 +62,18 @@ class LocalUpdateLike(Protocol):
     cfg: CampaignConfig
     start: dict[str, np.ndarray]
     end: dict[str, np.ndarray]
-    metrics: MetricRecord
-    who: ConfigRecord
+    report: TrainReport
+    who: ContributorInfo
 
 
 Trainer = Callable[..., "LocalUpdateLike | Message"]
+"""``trainer(message, request, context, refuse=...)``: :func:`fedtune.clients.app.local_update`."""
 
 
 def register_secagg_handlers(app: ClientApp, trainer: Trainer) -> None:
     """Register ``@app.train("secagg_<stage>")`` for every stage; ``trainer`` runs the local round."""
     for stage in STAGES:
-        app.train(f"secagg_{stage}")(functools.partial(handle_stage, stage, trainer))
+        app.train(secagg_action(stage))(functools.partial(handle_stage, stage, trainer))
 
 
 def identity_key(context: Context, seed: int) -> Ed25519PrivateKey:
@@ -86,67 +95,55 @@ def identity_key(context: Context, seed: int) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(material).digest())
 
 
-def _injected_failure(stage: str, context: Context, server_round: int) -> None:
-    """TEST-ONLY: raise where :data:`FAIL_ENV` asks (never set outside tests)."""
-    spec = os.environ.get(FAIL_ENV, "")
-    partition = str(context.node_config.get("partition-id", ""))
-    for entry in filter(None, (e.strip() for e in spec.split(","))):
-        want_stage, want_partition, *want_round = entry.split(":")
-        if (want_stage, want_partition) == (stage, partition) and want_round in ([], [str(server_round)]):
-            raise RuntimeError(f"test-only failure injected by {FAIL_ENV}={spec!r} in {stage}, round {server_round}")
-
-
 def handle_stage(stage: str, trainer: Trainer, message: Message, context: Context) -> Message:
     """Entry point of every ``train.secagg_<stage>`` message. An exception means no valid reply."""
-    request = from_content(message.content)
-    _injected_failure(stage, context, int(request["round"]))
+    request = SecAggRequest.read(message.content, stage)
     if stage == ADVERTISE:
         return _advertise(message, context, request, trainer)
-    return _continue(stage, message, context, request)
+    return _continue(stage, message, context, request.msg)
 
 
-def _advertise(message: Message, context: Context, request: dict[str, Any], trainer: Trainer) -> Message:
+def _advertise(message: Message, context: Context, request: SecAggRequest, trainer: Trainer) -> Message:
     """Stage 1: train (or decline), keep the weighted update in the context, answer with signed keys."""
     for key in (STATE, META, UPDATE, REPORT, WHO):  # leftovers of an aborted round
         context.state.pop(key, None)
-    cohort = len(request["cohort"])
+    msg, train = request.msg, request.train
+    assert train is not None  # the advertise request always carries one (SecAggRequest.read)
+    cohort = len(msg.get("cohort", ()))
 
     def too_small(cfg: CampaignConfig) -> str | None:
         need = cfg.secure_aggregation.min_cohort
         return f"secure-aggregation cohort of {cohort} is below the campaign minimum {need}" if cohort < need else None
 
-    update = trainer(message, context, refuse=too_small)
+    update = trainer(message, train, context, refuse=too_small)
     if isinstance(update, Message):
         return update
     cfg, node = update.cfg, message.metadata.dst_node_id
     identity = identity_key(context, cfg.campaign.seed)
     public = identity_public_bytes(identity)
     quant = quant_config(cfg)
-    client = SecAggClient(
-        node, identity, {node: public}, cfg.campaign.name, round_id=int(request["round"]), quant=quant
-    )
-    reply = client.handle(request)
-    ratio = min(1.0, float(update.metrics["num-examples"]) / float(request["weight_max"]))
+    client = SecAggClient(node, identity, {node: public}, cfg.campaign.name, round_id=int(msg["round"]), quant=quant)
+    reply = client.handle(msg)
+    ratio = min(1.0, float(update.report.num_examples) / float(msg[SECAGG_WEIGHT_MAX]))
     vector = encode_update(update.start, update.end, ratio, quant.clip)
     context.state[STATE] = ConfigRecord(client.export_state())
     context.state[META] = ConfigRecord({"seed": cfg.campaign.seed, "min-cohort": cfg.secure_aggregation.min_cohort})
     context.state[UPDATE] = ArrayRecord({"x": Array(vector)})
-    context.state[REPORT] = update.metrics
-    context.state[WHO] = update.who
-    content = to_content({**reply, "identity": public})
-    content["metrics"] = MetricRecord({"declined": 0})
-    content["contributor"] = update.who
-    return Message(content=content, reply_to=message)
+    context.state[REPORT] = update.report.to_record()
+    context.state[WHO] = update.who.to_record()
+    answer = SecAggReply({**reply, SECAGG_IDENTITY: public}, contributor=update.who)
+    return Message(content=answer.content(), reply_to=message)
 
 
 def _registry(meta: ConfigRecord, request: dict[str, Any], node: int, public: bytes) -> dict[int, bytes]:
     """Identity keys to verify peers with: sent by the coordinator in share_keys, kept for unmask."""
-    if "registry_ids" in request:
-        registry = {int(v): bytes(k) for v, k in zip(request["registry_ids"], request["registry_keys"], strict=True)}
+    ids, keys = SECAGG_REGISTRY_IDS, SECAGG_REGISTRY_KEYS
+    if ids in request:
+        registry = {int(v): bytes(k) for v, k in zip(request[ids], request[keys], strict=True)}
         if registry.get(node) != public:
             raise SecAggCryptoError("the coordinator's key directory does not hold this contributor's identity key")
-        meta["registry_ids"], meta["registry_keys"] = list(registry), list(registry.values())
-    return {int(v): bytes(k) for v, k in zip(meta.get("registry_ids", []), meta.get("registry_keys", []), strict=True)}
+        meta[ids], meta[keys] = list(registry), list(registry.values())
+    return {int(v): bytes(k) for v, k in zip(meta.get(ids, []), meta.get(keys, []), strict=True)}
 
 
 def _continue(stage: str, message: Message, context: Context, request: dict[str, Any]) -> Message:
@@ -160,13 +157,14 @@ def _continue(stage: str, message: Message, context: Context, request: dict[str,
     if stage == CONSISTENCY and len(request.get("survivors", ())) < int(meta["min-cohort"]):
         raise SecAggAbort(f"{len(request['survivors'])} survivors, below the campaign minimum {meta['min-cohort']}")
     vector = context.state[UPDATE]["x"].numpy() if stage == MASKED_INPUT else None
-    content = to_content(client.handle(request, vector))
+    answer = SecAggReply(client.handle(request, vector))
     if stage == MASKED_INPUT:
-        content["metrics"], content["contributor"] = context.state[REPORT], context.state[WHO]
+        report, who = TrainReport.from_record(context.state[REPORT]), ContributorInfo.from_record(context.state[WHO])
+        answer = SecAggReply(answer.msg, contributor=who, report=report)
         del context.state[UPDATE]
     if stage == UNMASK:
         for key in (STATE, META, REPORT, WHO):
             context.state.pop(key, None)
     else:
         context.state[STATE] = ConfigRecord(client.export_state())
-    return Message(content=content, reply_to=message)
+    return Message(content=answer.content(), reply_to=message)

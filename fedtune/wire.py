@@ -1,20 +1,135 @@
-"""Conversions between fedtune's objects and Flower records (what crosses the wire)."""
+"""fedtune's wire format: every message the coordinator and a contributor exchange, as Flower records.
+
+Job
+    One typed constructor and one reader per message, and every record and field key as a named constant, so
+    the two sides cannot drift apart and no other module spells a key. Each message is a frozen dataclass:
+    ``.content()`` builds the :class:`~flwr.app.RecordDict` that travels, ``.read(content)`` (a classmethod)
+    takes one apart. The messages:
+
+    ============================  =====================  ===============================================
+    message                       direction              records
+    ============================  =====================  ===============================================
+    :class:`TrainRequest`         coordinator -> node    ``arrays`` (shared adapter), ``config``
+                                                         (campaign TOML, base fingerprint, round, state root)
+    :class:`TrainReply`           node -> coordinator    ``arrays`` (new adapter), ``metrics``
+                                                         (:class:`TrainReport`), ``contributor``
+    :class:`Decline`              node -> coordinator    ``metrics`` (``declined = 1``, ε), ``reason``,
+                                                         ``contributor``
+    :class:`SecAggRequest`        coordinator -> node    ``secagg`` (+ ``secagg-arrays``); ``advertise``
+                                                         also carries the train request's records
+    :class:`SecAggReply`          node -> coordinator    ``secagg`` (+ ``secagg-arrays``); ``advertise``
+                                                         adds ``contributor``, ``masked_input`` adds
+                                                         ``metrics`` and ``contributor``
+    ============================  =====================  ===============================================
+
+    :class:`ContributorInfo` is the ``contributor`` record (who a contributor says it is).
+
+Threat
+    Each side reads what the other one sent: the coordinator is the adversary of a contributor's data and a
+    contributor may cheat. A reader therefore checks the shape of what it got (records present, fields of the
+    right type, SecAgg+ headers well-formed) and raises :class:`WireError`, one line naming the message and
+    the field, on anything else; the coordinator treats that node as failed, a contributor refuses the round.
+    What the values mean (a contributor's own policy, the SecAgg+ protocol, the coordinator's assignment) is
+    checked by the caller, never here.
+
+Pitfalls
+    Flower's strategies find records by key (``arrayrecord_key``, ``configrecord_key``, ``weighted_by_key``):
+    :func:`fedtune.strategies.server_optimizer.build_strategy` passes :data:`ARRAYS`, :data:`CONFIG` and
+    :data:`NUM_EXAMPLES` explicitly, and ``configure_train`` overwrites :data:`SERVER_ROUND` with the same
+    round. A ``ConfigRecord`` holds int, float, str, bytes, bool and lists of those; SecAgg+ protocol messages
+    are flat dicts of exactly those, plus numpy arrays that travel in a separate ``ArrayRecord``.
+    This module must not import ``fedtune.credit`` (contributors never load the ledger) nor ``fedtune.secagg``
+    (same layer): the two SecAgg+ stage names it needs are spelled here and checked against the protocol's by
+    a unit test.
+"""
 
 from __future__ import annotations
 
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from fedtune.config import CampaignConfig
+from fedtune.config import CampaignConfig, ConfigError
+
+# -- record keys -------------------------------------------------------------------------------------
+ARRAYS = "arrays"  # ArrayRecord: adapter tensors (train request and reply); Flower's ``arrayrecord_key``
+CONFIG = "config"  # ConfigRecord: the train request's round config; Flower's ``configrecord_key``
+METRICS = "metrics"  # MetricRecord: what a contributor did (or that it declined)
+CONTRIBUTOR = "contributor"  # ConfigRecord: ContributorInfo
+REASON = "reason"  # ConfigRecord: why a contributor declined
+SECAGG = "secagg"  # ConfigRecord: a SecAgg+ protocol message's scalar and list fields
+SECAGG_ARRAYS = "secagg-arrays"  # ArrayRecord: its numpy fields (the masked uint32 upload)
+
+# -- field keys --------------------------------------------------------------------------------------
+CAMPAIGN_TOML = "campaign-toml"
+BASE_FINGERPRINT = "base-fingerprint"
+SERVER_ROUND = "server-round"
+STATE_ROOT = "state-root"
+NUM_EXAMPLES = "num-examples"  # Flower's ``weighted_by_key``
+SAMPLES = "samples"
+TOKENS = "tokens"
+TRAIN_LOSS = "train_loss"
+WALL_S = "wall_s"
+STEPS = "steps"
+DECLINED = "declined"
+EPSILON = "epsilon"
+REASON_TEXT = "reason"
+CONTRIBUTOR_ID, CONTRIBUTOR_NAME, CONTRIBUTOR_TEAM, PEAK_FLOPS = "id", "name", "team", "peak-flops"
+# fields fedtune adds to SecAgg+ protocol messages
+SECAGG_IDENTITY = "identity"  # advertise reply: the contributor's Ed25519 identity public key (32 bytes)
+SECAGG_WEIGHT_MAX = "weight_max"  # advertise request: the largest example weight the server assigns
+SECAGG_REGISTRY_IDS, SECAGG_REGISTRY_KEYS = "registry_ids", "registry_keys"  # share_keys request: pinned keys
+
+# the SecAgg+ stages whose messages carry more than the protocol message (``fedtune.secagg.STAGES`` names them)
+SECAGG_ADVERTISE, SECAGG_MASKED_INPUT = "advertise", "masked_input"
 
 
-def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+class WireError(ValueError):
+    """A message that does not follow fedtune's wire format; ``str()`` names the message and the field."""
+
+
+_MISSING: Any = object()
+
+
+def _field(record: Mapping[str, Any], key: str, kind: type, where: str, default: Any = _MISSING) -> Any:
+    """``record[key]`` checked to be a ``kind`` (int, float, str or bytes; a float field accepts an int)."""
+    if key not in record:
+        if default is _MISSING:
+            raise WireError(f"{where}: missing field {key!r}")
+        return default
+    value = record[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise WireError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _part(content: RecordDict, key: str, kind: type, where: str) -> Any:
+    """The record ``key`` of ``content``, checked to be a ``kind`` record."""
+    if key not in content:
+        raise WireError(f"{where}: missing {kind.__name__} {key!r}")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise WireError(f"{where}: {key!r} must be a {kind.__name__}, got {type(record).__name__}")
+    return record
+
+
+# -- arrays ------------------------------------------------------------------------------------------
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy tensors as an ArrayRecord (copied to contiguous memory)."""
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 
 def arrays_from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Inverse of :func:`arrays_to_record`."""
     return {name: arr.numpy() for name, arr in record.items()}
 
 
@@ -23,26 +138,19 @@ def record_nbytes(record: ArrayRecord) -> int:
     return sum(len(arr.data) for arr in record.values())
 
 
-def campaign_to_record(cfg: CampaignConfig, **extra: int | float | str | bool) -> ConfigRecord:
-    """The round config: the resolved campaign (as TOML) plus per-round values."""
-    return ConfigRecord({"campaign-toml": cfg.to_toml(), **extra})
+def check_like(record: ArrayRecord, like: ArrayRecord, where: str) -> None:
+    """Raise :class:`WireError` unless ``record`` has exactly ``like``'s tensor names, shapes and dtypes."""
+    if set(record) != set(like):
+        raise WireError(f"{where}: tensors {sorted(set(record) ^ set(like))[:3]} differ from the request's")
+    for name, ref in like.items():
+        got = record[name]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise WireError(
+                f"{where}: tensor {name!r} is {got.dtype}{list(got.shape)}, not {ref.dtype}{list(ref.shape)}"
+            )
 
 
-def campaign_from_record(record: ConfigRecord) -> tuple[str, CampaignConfig]:
-    text = str(record["campaign-toml"])
-    import tomllib
-
-    return text, CampaignConfig.from_dict(tomllib.loads(text), source="<coordinator>")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one sampled node in a round."""
-
-    node_id: int
-    status: str  # included | declined | dropped | failed
-    reason: str | None = None
-    reply: Message | None = None
+# -- contributor -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -54,12 +162,339 @@ class ContributorInfo:
     team: str | None = None
     declared_peak_flops: float | None = None
 
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                CONTRIBUTOR_ID: self.id,
+                CONTRIBUTOR_NAME: self.name,
+                CONTRIBUTOR_TEAM: self.team or "",
+                PEAK_FLOPS: float(self.declared_peak_flops or 0.0),
+            }
+        )
 
-def contributor_of(reply: Message) -> ContributorInfo | None:
-    """The identity a contributor states in its reply (``contributor`` config record)."""
-    if "contributor" not in reply.content.config_records:
-        return None
-    rec = reply.content["contributor"]
-    peak = float(rec.get("peak-flops", 0.0)) or None
-    team = str(rec.get("team", "")) or None
-    return ContributorInfo(id=str(rec["id"]), name=str(rec["name"]), team=team, declared_peak_flops=peak)
+    @classmethod
+    def from_record(cls, record: ConfigRecord, where: str = CONTRIBUTOR) -> ContributorInfo:
+        who = _field(record, CONTRIBUTOR_ID, str, where)
+        if not who:
+            raise WireError(f"{where}: empty contributor id")
+        return cls(
+            id=who,
+            name=_field(record, CONTRIBUTOR_NAME, str, where),
+            team=_field(record, CONTRIBUTOR_TEAM, str, where, "") or None,
+            declared_peak_flops=_field(record, PEAK_FLOPS, float, where, 0.0) or None,
+        )
+
+    @classmethod
+    def read(cls, content: RecordDict, where: str) -> ContributorInfo:
+        """The ``contributor`` record of a reply (required)."""
+        return cls.from_record(_part(content, CONTRIBUTOR, ConfigRecord, where), f"{where}: {CONTRIBUTOR}")
+
+
+# -- train request -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A round's train request: the resolved campaign, the base fingerprint, the round and the shared adapter.
+
+    Parameters
+    ----------
+    campaign_toml : str
+        The resolved campaign, as TOML (the contributor parses it with :meth:`campaign`).
+    base_fingerprint : str
+        The coordinator's base-model fingerprint; the contributor compares its own.
+    server_round : int
+        The round number.
+    arrays : ArrayRecord
+        The current shared adapter tensors.
+    state_root : str
+        Simulation only: the folder under which virtual contributors keep their state ("" when deployed).
+    """
+
+    campaign_toml: str
+    base_fingerprint: str
+    server_round: int
+    arrays: ArrayRecord
+    state_root: str = ""
+
+    @classmethod
+    def of(
+        cls,
+        cfg: CampaignConfig,
+        base_fingerprint: str,
+        server_round: int,
+        arrays: Mapping[str, np.ndarray],
+        state_root: str = "",
+    ) -> TrainRequest:
+        return cls(cfg.to_toml(), base_fingerprint, server_round, arrays_to_record(arrays), state_root)
+
+    def config(self) -> ConfigRecord:
+        """The ``config`` record (what ``Strategy.configure_train`` takes next to :attr:`arrays`)."""
+        return ConfigRecord(
+            {
+                CAMPAIGN_TOML: self.campaign_toml,
+                BASE_FINGERPRINT: self.base_fingerprint,
+                SERVER_ROUND: self.server_round,
+                STATE_ROOT: self.state_root,
+            }
+        )
+
+    def content(self) -> RecordDict:
+        return RecordDict({ARRAYS: self.arrays, CONFIG: self.config()})
+
+    @classmethod
+    def read(cls, content: RecordDict) -> TrainRequest:
+        where = "train request"
+        config = _part(content, CONFIG, ConfigRecord, where)
+        return cls(
+            campaign_toml=_field(config, CAMPAIGN_TOML, str, where),
+            base_fingerprint=_field(config, BASE_FINGERPRINT, str, where),
+            server_round=_field(config, SERVER_ROUND, int, where),
+            arrays=_part(content, ARRAYS, ArrayRecord, where),
+            state_root=_field(config, STATE_ROOT, str, where, ""),
+        )
+
+    def campaign(self) -> CampaignConfig:
+        """The campaign the coordinator sent, validated as a campaign file is."""
+        try:
+            return CampaignConfig.from_dict(tomllib.loads(self.campaign_toml), source="<coordinator>")
+        except (tomllib.TOMLDecodeError, ConfigError) as exc:
+            raise WireError(f"train request: field {CAMPAIGN_TOML!r}: {exc}") from None
+
+
+# -- replies -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What a contributor did in a round (the ``metrics`` record of a train or ``masked_input`` reply).
+
+    ``num_examples`` is the weight the coordinator assigned (``local_steps × batch_size``), never the size of a
+    Poisson draw, so the weight says nothing about the data; ``samples`` is what was actually drawn.
+    """
+
+    num_examples: int
+    samples: int
+    tokens: int
+    train_loss: float
+    wall_s: float
+    steps: int
+    epsilon: float | None = None  # ε spent so far, when the contributor trains with DP-SGD
+
+    def to_record(self) -> MetricRecord:
+        return MetricRecord(
+            {
+                NUM_EXAMPLES: self.num_examples,
+                SAMPLES: self.samples,
+                TOKENS: self.tokens,
+                TRAIN_LOSS: self.train_loss,
+                WALL_S: self.wall_s,
+                STEPS: self.steps,
+                DECLINED: 0,
+                **({} if self.epsilon is None else {EPSILON: self.epsilon}),
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: MetricRecord, where: str = METRICS) -> TrainReport:
+        report = cls(
+            num_examples=_field(record, NUM_EXAMPLES, int, where),
+            samples=_field(record, SAMPLES, int, where),
+            tokens=_field(record, TOKENS, int, where),
+            train_loss=_field(record, TRAIN_LOSS, float, where),
+            wall_s=_field(record, WALL_S, float, where),
+            steps=_field(record, STEPS, int, where),
+            epsilon=_field(record, EPSILON, float, where, None),
+        )
+        if report.num_examples <= 0 or min(report.samples, report.tokens, report.steps) < 0 or report.wall_s < 0:
+            raise WireError(f"{where}: negative counts or a non-positive {NUM_EXAMPLES!r}")
+        return report
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A trained contributor's answer to a plain round: its new adapter, what it did, and who it is."""
+
+    arrays: ArrayRecord
+    report: TrainReport
+    contributor: ContributorInfo
+
+    def content(self) -> RecordDict:
+        return RecordDict(
+            {ARRAYS: self.arrays, METRICS: self.report.to_record(), CONTRIBUTOR: self.contributor.to_record()}
+        )
+
+    @classmethod
+    def read(cls, content: RecordDict, like: ArrayRecord | None = None) -> TrainReply:
+        """Parse a train reply; with ``like`` (the request's adapter), its tensors must match it exactly."""
+        where = "train reply"
+        arrays = _part(content, ARRAYS, ArrayRecord, where)
+        if like is not None:
+            check_like(arrays, like, where)
+        report = TrainReport.from_record(_part(content, METRICS, MetricRecord, where), f"{where}: {METRICS}")
+        return cls(arrays, report, ContributorInfo.read(content, where))
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A contributor's refusal to train this round (foreign base, spent budget, ...), with its reason."""
+
+    reason: str
+    contributor: ContributorInfo
+    epsilon: float | None = None  # ε spent so far, when the contributor keeps a DP budget
+
+    def content(self) -> RecordDict:
+        metrics = {DECLINED: 1, NUM_EXAMPLES: 0} | ({} if self.epsilon is None else {EPSILON: self.epsilon})
+        return RecordDict(
+            {
+                METRICS: MetricRecord(metrics),
+                REASON: ConfigRecord({REASON_TEXT: self.reason}),
+                CONTRIBUTOR: self.contributor.to_record(),
+            }
+        )
+
+    @classmethod
+    def read(cls, content: RecordDict) -> Decline:
+        where = "decline reply"
+        metrics = _part(content, METRICS, MetricRecord, where)
+        return cls(
+            reason=_field(_part(content, REASON, ConfigRecord, where), REASON_TEXT, str, f"{where}: {REASON}"),
+            contributor=ContributorInfo.read(content, where),
+            epsilon=_field(metrics, EPSILON, float, f"{where}: {METRICS}", None),
+        )
+
+    @staticmethod
+    def is_decline(content: RecordDict) -> bool:
+        """Whether a reply says ``declined = 1`` (then read it with :meth:`read`)."""
+        if METRICS not in content.metric_records:
+            return False
+        return bool(_field(content.metric_records[METRICS], DECLINED, int, f"reply: {METRICS}", 0))
+
+
+# -- SecAgg+ stages ----------------------------------------------------------------------------------
+
+
+def secagg_action(stage: str) -> str:
+    """The ClientApp action of a SecAgg+ stage: the contributor registers ``@app.train(secagg_action(stage))``."""
+    return f"secagg_{stage}"
+
+
+def secagg_message_type(stage: str) -> str:
+    """The Flower message type the coordinator sends a SecAgg+ stage with (``train.secagg_<stage>``)."""
+    return f"{MessageType.TRAIN}.{secagg_action(stage)}"
+
+
+def _secagg_records(msg: Mapping[str, Any]) -> RecordDict:
+    """A protocol message as Flower records: numpy fields in an ArrayRecord, the rest in a ConfigRecord."""
+    arrays = {k: v for k, v in msg.items() if isinstance(v, np.ndarray)}
+    content = RecordDict({SECAGG: ConfigRecord({k: v for k, v in msg.items() if k not in arrays})})
+    if arrays:
+        content[SECAGG_ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return content
+
+
+def _secagg_message(content: RecordDict, stage: str, where: str, reply: bool) -> dict[str, Any]:
+    """Inverse of :func:`_secagg_records`, with the header (campaign, round, stage, sender) checked."""
+    msg = dict(_part(content, SECAGG, ConfigRecord, where))
+    if SECAGG_ARRAYS in content.array_records:
+        msg.update({k: a.numpy() for k, a in content.array_records[SECAGG_ARRAYS].items()})
+    _field(msg, "campaign_id", str, where)
+    _field(msg, "round", int, where)
+    if _field(msg, "stage", str, where) != stage:
+        raise WireError(f"{where}: stage {msg['stage']!r}, expected {stage!r}")
+    if reply:
+        _field(msg, "sender", int, where)
+    return msg
+
+
+@dataclass(frozen=True)
+class SecAggRequest:
+    """The coordinator's message of one SecAgg+ stage; the ``advertise`` one also carries the train request.
+
+    Parameters
+    ----------
+    msg : dict
+        The protocol message (:mod:`fedtune.secagg.protocol`), plus :data:`SECAGG_WEIGHT_MAX` in ``advertise``
+        and the coordinator's key directory (:data:`SECAGG_REGISTRY_IDS`, ``..._KEYS``) in ``share_keys``.
+    train : TrainRequest, optional
+        ``advertise`` only: the round's train request (contributors train in that stage).
+    """
+
+    msg: dict[str, Any]
+    train: TrainRequest | None = None
+
+    @property
+    def stage(self) -> str:
+        return str(self.msg["stage"])
+
+    def content(self) -> RecordDict:
+        content = _secagg_records(self.msg)
+        if self.train is not None:
+            content[ARRAYS], content[CONFIG] = self.train.arrays, self.train.config()
+        return content
+
+    @classmethod
+    def read(cls, content: RecordDict, stage: str) -> SecAggRequest:
+        where = f"secagg {stage} request"
+        msg = _secagg_message(content, stage, where, reply=False)
+        if stage != SECAGG_ADVERTISE:
+            return cls(msg)
+        if not _field(msg, SECAGG_WEIGHT_MAX, float, where) > 0:
+            raise WireError(f"{where}: field {SECAGG_WEIGHT_MAX!r} must be positive")
+        return cls(msg, TrainRequest.read(content))
+
+
+@dataclass(frozen=True)
+class SecAggReply:
+    """A contributor's answer to one SecAgg+ stage.
+
+    ``advertise`` replies also say who the contributor is (and carry its identity key in ``msg``);
+    ``masked_input`` replies also carry its :class:`TrainReport` (what it trained into the masked input).
+    """
+
+    msg: dict[str, Any]
+    contributor: ContributorInfo | None = None
+    report: TrainReport | None = None
+
+    @property
+    def sender(self) -> int:
+        return int(self.msg["sender"])
+
+    def content(self) -> RecordDict:
+        content = _secagg_records(self.msg)
+        if self.report is not None:
+            content[METRICS] = self.report.to_record()
+        if self.contributor is not None:
+            content[CONTRIBUTOR] = self.contributor.to_record()
+        return content
+
+    @classmethod
+    def read(cls, content: RecordDict, stage: str) -> SecAggReply:
+        where = f"secagg {stage} reply"
+        msg = _secagg_message(content, stage, where, reply=True)
+        if stage == SECAGG_ADVERTISE:
+            if len(_field(msg, SECAGG_IDENTITY, bytes, where)) != 32:
+                raise WireError(f"{where}: field {SECAGG_IDENTITY!r} must be a 32-byte Ed25519 public key")
+            return cls(msg, ContributorInfo.read(content, where))
+        if stage == SECAGG_MASKED_INPUT:
+            report = TrainReport.from_record(_part(content, METRICS, MetricRecord, where), f"{where}: {METRICS}")
+            return cls(msg, ContributorInfo.read(content, where), report)
+        return cls(msg)
+
+
+Reply = TrainReply | SecAggReply | Decline
+
+
+def read_reply(content: RecordDict, stage: str | None = None, like: ArrayRecord | None = None) -> Reply:
+    """A contributor's reply to a plain train request (``stage`` None) or to SecAgg+ ``stage``.
+
+    A decline may answer a train request or ``advertise`` (the stage that trains), nothing else.
+
+    Raises
+    ------
+    WireError
+        When the reply is not a well-formed message of that kind.
+    """
+    if stage in (None, SECAGG_ADVERTISE) and Decline.is_decline(content):
+        return Decline.read(content)
+    return TrainReply.read(content, like) if stage is None else SecAggReply.read(content, stage)

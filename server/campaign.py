@@ -1,8 +1,21 @@
-"""The coordinator's round loop: sample, send, collect, aggregate, evaluate, checkpoint, record.
+"""The coordinator's campaign loop: for each round, a round driver, then evaluate, checkpoint, credit, record.
 
-fedtune owns the loop (rather than ``Strategy.start``) because each round must also handle declined
-contributors, write the run directory and report progress; the sampling, weighted averaging and
-server optimizer are Flower's strategy methods, called as they are.
+Job
+    fedtune owns the loop (rather than ``Strategy.start``) because each round must also handle declined and
+    failed contributors, write the run directory and report progress. The round itself (sampling, exchange,
+    aggregation, the server optimizer's step) is a :class:`~fedtune.strategies.driver.RoundDriver`'s:
+    :class:`~fedtune.strategies.plain.PlainRound` or :class:`~fedtune.strategies.secure.SecureRound`. Whatever
+    the driver, :func:`round_row` builds the round's ``metrics.jsonl`` row from its
+    :class:`~fedtune.strategies.driver.RoundResult` and the credit ledger records its outcomes.
+
+Threat
+    Credit goes only to contributors whose input is in the applied aggregate, computed from the work the server
+    assigned (``fedtune.credit.recorder``). A round that applies nothing leaves adapter and optimizer state as
+    they were and is still checkpointed, credited and recorded, so a resumed campaign never re-runs it.
+
+Pitfalls
+    Flower samples cohorts with the global RNG: it is seeded from the campaign seed and the round a run
+    starts after, so a resumed campaign samples as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -10,13 +23,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -29,16 +40,11 @@ from fedtune.ml.data import load_eval
 from fedtune.ml.evaluation import evaluate_loss
 from fedtune.ml.model import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
 from fedtune.rundir import RunDir
-from fedtune.strategies.secure import SecAggWorkflow
+from fedtune.strategies.driver import NodeOutcome, RoundDriver, RoundResult
+from fedtune.strategies.plain import PlainRound
+from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy, restore_strategy_state, strategy_state
-from fedtune.wire import (
-    Outcome,
-    arrays_from_record,
-    arrays_to_record,
-    campaign_to_record,
-    contributor_of,
-    record_nbytes,
-)
+from fedtune.wire import TrainRequest
 
 log = logging.getLogger("fedtune.server")
 SERVER_STATE = "server_state.npz"
@@ -62,48 +68,59 @@ class LogReporter:
         log.info("%s", campaign_round_line(row))
 
 
-@dataclass
-class RoundReplies:
-    """A round's replies sorted by outcome."""
+def initial_row(evaluation: Mapping[str, float]) -> dict[str, Any]:
+    """Round 0 of ``metrics.jsonl``: the initial adapter, evaluated."""
+    return {
+        "round": 0,
+        **evaluation,
+        "train_loss": None,
+        "participants": 0,
+        "declined": 0,
+        "failed": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "wall_s": 0.0,
+    }
 
-    accepted: list[Message] = field(default_factory=list)
-    declined: list[tuple[int, str]] = field(default_factory=list)
-    failed: list[tuple[int, str]] = field(default_factory=list)
 
-    @classmethod
-    def sort(cls, replies: Iterable[Message]) -> RoundReplies:
-        out = cls()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                out.failed.append((node, msg.error.reason))
-            elif int(msg.content["metrics"].get("declined", 0)):
-                out.declined.append((node, str(msg.content["reason"]["reason"])))
-            else:
-                out.accepted.append(msg)
-        return out
+def privacy_metrics(outcomes: Sequence[NodeOutcome]) -> dict[str, Any]:
+    """ε each contributor reported (spent so far, trained or declined), by name, and the largest."""
+    spent = {
+        (o.contributor.name if o.contributor else str(o.node_id)): o.epsilon for o in outcomes if o.epsilon is not None
+    }
+    return {"epsilon_max": max(spent.values()), "epsilon": spent} if spent else {}
 
-    def outcomes(self, messages: list[Message], replies: list[Message], applied: bool) -> list[Outcome]:
-        """Every sampled node's fate this round, for the credit ledger."""
-        out = [
-            Outcome(
-                m.metadata.src_node_id,
-                "included" if applied else "failed",
-                None if applied else "round not applied: too few updates",
-                m,
-            )
-            for m in self.accepted
-        ]
-        by_node = {m.metadata.src_node_id: m for m in replies}
-        out += [Outcome(node, "declined", reason, by_node[node]) for node, reason in self.declined]
-        out += [Outcome(node, "failed", reason) for node, reason in self.failed]
-        answered = set(by_node)
-        out += [
-            Outcome(m.metadata.dst_node_id, "dropped", "no reply within the round timeout")
-            for m in messages
-            if m.metadata.dst_node_id not in answered
-        ]
-        return out
+
+def round_row(server_round: int, result: RoundResult, evaluation: Mapping[str, float], wall_s: float) -> dict[str, Any]:
+    """A finished round's ``metrics.jsonl`` row, whichever driver ran it (README lists the fields).
+
+    ``participants`` are the included contributors (their input is in the applied aggregate), ``failed``
+    everyone sampled who is neither included nor declined (errors, no reply, a round not applied);
+    ``examples``/``tokens`` are what the included contributors reported. The driver adds its own fields
+    (SecAgg+: ``secure_aggregation``, ``survivors``, ``secagg_stage_s``); ``abort_reason`` says why a round
+    applied nothing; ``epsilon``/``epsilon_max`` appear when contributors train with DP-SGD.
+    """
+    included = [o for o in result.outcomes if o.status == "included"]
+    declined = sum(o.status == "declined" for o in result.outcomes)
+    return {
+        "round": server_round,
+        **evaluation,
+        "train_loss": result.train_loss,
+        "applied": result.applied,
+        "participants": len(included),
+        "sampled": len(result.cohort),
+        "declined": declined,
+        "failed": len(result.cohort) - len(included) - declined,
+        "examples": sum(o.report.num_examples for o in included if o.report is not None),
+        "tokens": sum(o.report.tokens for o in included if o.report is not None),
+        "bytes_down": result.bytes_down,
+        "bytes_up": result.bytes_up,
+        "round_trip_s": result.round_trip_s,
+        "wall_s": wall_s,
+        **result.extra,
+        **({"abort_reason": result.abort_reason} if result.abort_reason else {}),
+        **privacy_metrics(result.outcomes),
+    }
 
 
 class CampaignServer:
@@ -111,8 +128,10 @@ class CampaignServer:
 
     def __init__(self, cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None) -> None:
         self.cfg, self.run_dir, self.reporter = cfg, run_dir, reporter or LogReporter()
-        # validates the setup (sum overflow, threshold) before anything is built or written; None: plain aggregation
-        self.secure = SecAggWorkflow(cfg, run_dir.root) if cfg.secure_aggregation.protocol == "secagg+" else None
+        # SecureRound validates the setup (sum overflow, threshold) before anything is built or written
+        self.driver: RoundDriver = (
+            SecureRound(cfg, run_dir.root) if cfg.secure_aggregation.protocol == "secagg+" else PlainRound(cfg)
+        )
         self.model, tokenizer = build_model(cfg)
         self.eval_set = load_eval(cfg, tokenizer)
         self.fingerprint = base_fingerprint(cfg.model)
@@ -167,17 +186,7 @@ class CampaignServer:
         strategy = build_strategy(cfg, self.wait_for_contributors(grid))
         resumed = self.resume_point(strategy)
         if resumed is None:
-            row0 = {
-                "round": 0,
-                **self.evaluate(),
-                "train_loss": None,
-                "participants": 0,
-                "declined": 0,
-                "failed": 0,
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "wall_s": 0.0,
-            }
+            row0 = initial_row(self.evaluate())
             self.save_checkpoint(0, trainable_arrays(self.model), strategy)
             self.run_dir.append_metrics(row0)
             done, rows = 0, [row0]
@@ -193,118 +202,18 @@ class CampaignServer:
         self.ledger.close()
         return rows
 
-    @staticmethod
-    def privacy_metrics(replies: list[Message]) -> dict[str, Any]:
-        """ε each contributor reported (spent so far), by name, and the largest."""
-        spent = {}
-        for msg in replies:
-            if msg.has_error() or "epsilon" not in msg.content["metrics"]:
-                continue
-            who = contributor_of(msg)
-            spent[who.name if who else str(msg.metadata.src_node_id)] = float(msg.content["metrics"]["epsilon"])
-        return {"epsilon_max": max(spent.values()), "epsilon": spent} if spent else {}
-
     def run_round(self, server_round: int, strategy: FedAvg, grid: Grid) -> dict[str, Any]:
-        """One round: sample, send, collect, aggregate, evaluate, checkpoint, credit, record."""
-        cfg, fed = self.cfg, self.cfg.federation
+        """One round: the driver samples, exchanges and aggregates; then evaluate, checkpoint, credit, record."""
         start = time.perf_counter()
-        arrays = trainable_arrays(self.model)
-        record = arrays_to_record(arrays)
-        config = campaign_to_record(
-            cfg, **{"base-fingerprint": self.fingerprint, "state-root": str(self.run_dir.root / "contributors")}
+        current = trainable_arrays(self.model)
+        request = TrainRequest.of(
+            self.cfg, self.fingerprint, server_round, current, str(self.run_dir.root / "contributors")
         )
-        if self.secure is not None:
-            return self.run_secure_round(server_round, strategy, grid, start, record, config)
-        messages = list(strategy.configure_train(server_round, record, config, grid))
-        raw_replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
-        round_trip_s = time.perf_counter() - start
-        replies = RoundReplies.sort(raw_replies)
-        for node, reason in replies.declined:
-            log.warning("round %d: contributor %s declined: %s", server_round, node, reason)
-        for node, reason in replies.failed:
-            log.warning("round %d: contributor %s failed: %s", server_round, node, reason)
-        applied = len(replies.accepted) >= fed.min_cohort
-        train_loss = None
-        if applied:
-            new_record, train_metrics = strategy.aggregate_train(server_round, replies.accepted)
-            arrays = arrays_from_record(new_record)
-            load_trainable(self.model, arrays)
-            train_loss = float(train_metrics["train_loss"]) if train_metrics else None
-        else:
-            log.warning(
-                "round %d: %d accepted replies, below the minimum cohort %d; no update applied",
-                server_round,
-                len(replies.accepted),
-                fed.min_cohort,
-            )
-        row = {
-            "round": server_round,
-            **self.evaluate(),
-            "train_loss": train_loss,
-            "applied": applied,
-            "participants": len(replies.accepted) if applied else 0,
-            "sampled": len(messages),
-            "declined": len(replies.declined),
-            "failed": len(messages) - len(replies.accepted) - len(replies.declined),  # errors + no reply
-            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in replies.accepted),
-            "tokens": sum(int(m.content["metrics"]["tokens"]) for m in replies.accepted),
-            "bytes_down": record_nbytes(record) * len(messages),
-            "bytes_up": sum(record_nbytes(m.content["arrays"]) for m in replies.accepted),
-            "round_trip_s": round_trip_s,
-            "wall_s": time.perf_counter() - start,
-            **self.privacy_metrics(raw_replies),
-        }
-        return self.close_round(server_round, strategy, arrays, row, replies.outcomes(messages, raw_replies, applied))
-
-    def close_round(
-        self,
-        server_round: int,
-        strategy: FedAvg,
-        arrays: dict[str, np.ndarray],
-        row: dict[str, Any],
-        outcomes: list[Outcome],
-    ) -> dict[str, Any]:
-        """Checkpoint, credit and record a finished round (applied or not): the same for every protocol."""
-        self.save_checkpoint(server_round, arrays, strategy)
-        self.credits.record(server_round, outcomes)
+        result = self.driver.run(grid, strategy, request)
+        if result.arrays is not None:
+            load_trainable(self.model, result.arrays)
+        row = round_row(server_round, result, self.evaluate(), time.perf_counter() - start)
+        self.save_checkpoint(server_round, current if result.arrays is None else result.arrays, strategy)
+        self.credits.record(server_round, result.outcomes)
         self.run_dir.append_metrics(row)
         return row
-
-    def run_secure_round(
-        self, server_round: int, strategy: FedAvg, grid: Grid, start: float, record: ArrayRecord, config: ConfigRecord
-    ) -> dict[str, Any]:
-        """One SecAgg+ round: the server only ever sees the survivors' sum; an aborted round changes nothing.
-
-        Only survivors whose masked input is in the applied sum are credited ("included"); an abort (fewer
-        than the threshold or the minimum cohort left) leaves adapter and optimizer state as they were.
-        """
-        assert self.secure is not None
-        result = self.secure.run_round(grid, strategy, server_round, record, config)
-        arrays = arrays_from_record(record)
-        if result.arrays is not None:
-            arrays = result.arrays
-            load_trainable(self.model, arrays)
-        participants = len(result.survivors) if result.applied else 0
-        train_loss = result.train_metrics.get("train_loss") if result.train_metrics else None
-        row = {
-            "round": server_round,
-            **self.evaluate(),
-            "applied": result.applied,
-            "train_loss": None if train_loss is None else float(train_loss),
-            "participants": participants,
-            "sampled": len(result.cohort),
-            "declined": result.declined,
-            "failed": len(result.cohort) - participants - result.declined,  # errors + no reply + aborted
-            "examples": result.examples if result.applied else 0,
-            "tokens": result.tokens if result.applied else 0,
-            "bytes_down": result.bytes_down,
-            "bytes_up": result.bytes_up,
-            "round_trip_s": result.round_trip_s,
-            "wall_s": time.perf_counter() - start,
-            "secure_aggregation": True,
-            "survivors": len(result.survivors),
-            "secagg_stage_s": {k: round(v, 4) for k, v in result.stage_s.items()},
-            **({"abort_reason": result.abort_reason} if result.abort_reason else {}),
-            **self.privacy_metrics(result.replies),
-        }
-        return self.close_round(server_round, strategy, arrays, row, result.outcomes)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from flwr.clientapp import ClientApp
+
 from fedtune.config import CampaignConfig
 from fedtune.rundir import RunDir
 
@@ -12,11 +14,33 @@ from .app import make_server_app
 from .campaign import Reporter
 
 
-def simulate(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None, verbose: bool = False) -> None:
-    """Run every round with ``[simulation] contributors`` virtual SuperNodes (Ray actors)."""
+def simulate(
+    cfg: CampaignConfig,
+    run_dir: RunDir,
+    reporter: Reporter | None = None,
+    verbose: bool = False,
+    client_app: ClientApp | None = None,
+) -> None:
+    """Run every round with ``[simulation] contributors`` virtual SuperNodes (Ray actors).
+
+    Parameters
+    ----------
+    cfg : CampaignConfig
+        The validated campaign.
+    run_dir : RunDir
+        The created run directory.
+    reporter : Reporter, optional
+        Receives progress (default: the ``fedtune.server`` log).
+    verbose : bool
+        Show Flower's and Ray's logs.
+    client_app : ClientApp, optional
+        What the virtual contributors run; default: fedtune's own (``fedtune.clients.app.app``). Tests pass
+        one that wraps it to play crashing contributors; it is sent to the Ray actors, so it must pickle.
+    """
     from flwr.simulation import run_simulation
 
-    from fedtune.clients.app import app as client_app
+    if client_app is None:
+        from fedtune.clients.app import app as client_app
 
     if not verbose:
         for name in ("flwr", "ray"):

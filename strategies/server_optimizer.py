@@ -1,9 +1,11 @@
 """Server optimizers: Flower's own Message-API strategies, configured from the campaign.
 
 Clients return their new adapter tensors; Flower's FedAvg averages them weighted by
-``num-examples``. In FFA-LoRA mode those tensors are the B matrices over a shared frozen A, so the
-average is the exact average of the updates B·A; FedAdam/FedYogi/FedAvgM then treat
-``average - current`` as the pseudo-gradient.
+``num-examples``: the strategies address records and the weight by fedtune's wire keys
+(:data:`fedtune.wire.ARRAYS`, :data:`~fedtune.wire.CONFIG`, :data:`~fedtune.wire.NUM_EXAMPLES`), passed
+explicitly so a change of Flower's defaults cannot split the two. In FFA-LoRA mode those tensors are the
+B matrices over a shared frozen A, so the average is the exact average of the updates B·A;
+FedAdam/FedYogi/FedAvgM then treat ``average - current`` as the pseudo-gradient.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedtune.config import CampaignConfig
+from fedtune.wire import ARRAYS, CONFIG, NUM_EXAMPLES
 
 
 def build_strategy(cfg: CampaignConfig, available: int) -> FedAvg:
@@ -28,6 +31,9 @@ def build_strategy(cfg: CampaignConfig, available: int) -> FedAvg:
         min_train_nodes=fed.min_cohort,
         min_evaluate_nodes=0,
         min_available_nodes=fed.min_cohort,
+        weighted_by_key=NUM_EXAMPLES,
+        arrayrecord_key=ARRAYS,
+        configrecord_key=CONFIG,
     )
     if fed.server_optimizer == "fedavg":
         return FedAvg(**common)

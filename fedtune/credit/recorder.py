@@ -4,14 +4,39 @@ Under secure aggregation the server never sees one contributor's update, so cred
 inspecting it, and claimed run time is gameable. A contributor earns the nominal FLOPs of the work the
 server assigned (``local_steps × batch_size × max_seq_len`` tokens, the round's token budget) only if its
 input is in the applied aggregate; its reported wall time is stored and checked, never paid.
+
+The round drivers (``fedtune.strategies``) produce the outcomes; :class:`Outcome` says what the ledger reads
+of one, so the ledger does not depend on how a round was run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from fedtune.config import CampaignConfig
 from fedtune.credit.formula import train_flops_per_token
-from fedtune.credit.ledger import Contributor, Ledger, RoundEntry
-from fedtune.wire import Outcome, contributor_of
+from fedtune.credit.ledger import Contributor, Ledger, RoundEntry, Status
+from fedtune.wire import ContributorInfo
+
+
+class Outcome(Protocol):
+    """What happened to one sampled node in a round (``fedtune.strategies.driver.NodeOutcome``)."""
+
+    @property
+    def node_id(self) -> int: ...
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def contributor(self) -> ContributorInfo | None: ...
+
+    @property
+    def reported_wall_s(self) -> float | None: ...
 
 
 class CreditKeeper:
@@ -28,29 +53,27 @@ class CreditKeeper:
         examples = fed.local_steps * fed.batch_size
         return examples, examples * self.cfg.data.max_seq_len
 
-    def record(self, server_round: int, outcomes: list[Outcome]) -> int:
+    def record(self, server_round: int, outcomes: Sequence[Outcome]) -> int:
         """Write the round; returns how many rows were new (0 when the round was already recorded)."""
         for o in outcomes:
-            who = contributor_of(o.reply) if o.reply is not None else None
+            who = o.contributor
             if who is not None:
                 self.known[o.node_id] = Contributor(who.id, who.name, who.team, who.declared_peak_flops)
             elif o.node_id not in self.known:
                 self.known[o.node_id] = Contributor(id=f"node-{o.node_id}", name=f"node-{o.node_id}")
         self.ledger.register_contributors({self.known[o.node_id].id: self.known[o.node_id] for o in outcomes}.values())
         examples, tokens = self.assigned()
-        entries = []
-        for o in outcomes:
-            wall = float(o.reply.content["metrics"]["wall_s"]) if o.status == "included" and o.reply else None
-            entries.append(
-                RoundEntry(
-                    contributor_id=self.known[o.node_id].id,
-                    status=o.status,
-                    assigned_examples=examples,
-                    assigned_tokens=tokens,
-                    reported_wall_s=wall,
-                    reason=o.reason,
-                )
+        entries = [
+            RoundEntry(
+                contributor_id=self.known[o.node_id].id,
+                status=o.status,
+                assigned_examples=examples,
+                assigned_tokens=tokens,
+                reported_wall_s=o.reported_wall_s,
+                reason=o.reason,
             )
+            for o in outcomes
+        ]
         written = self.ledger.record_round(
             self.cfg.campaign.name, server_round, entries, flops_per_token=self.flops_per_token
         )

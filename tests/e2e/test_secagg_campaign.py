@@ -1,14 +1,19 @@
-"""SecAgg+ in whole simulated campaigns: same learning curve as plain FedAvg, dropouts survived, aborts harmless."""
+"""SecAgg+ in whole simulated campaigns: same learning curve as plain FedAvg, dropouts survived, aborts harmless.
+
+Crashing contributors are played by test code only: ``faulty_contributors.py`` runs the campaign with fedtune's
+ClientApp wrapped in one that raises in the given stages (``STAGE:PARTITION:ROUND``).
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedtune.clients.secagg_client import FAIL_ENV
 from fedtune.credit.ledger import Ledger, default_url
 from fedtune.identity import simulated_contributor_id
 from fedtune.rundir import RunDir
@@ -20,7 +25,7 @@ from .conftest import Campaigns
 SECURE = {"protocol": "secagg+"}
 FOUR = {"simulation": {"contributors": 4}, "federation": {"contributors_per_round": 4, "rounds": 3}}
 # round 1: partition 2 crashes while masking; round 2: partitions 1-3 crash, leaving 1 < t = 2; round 3: all fine
-FAILURES = "masked_input:2:1,masked_input:1:2,masked_input:2:2,masked_input:3:2"
+FAULTS = ["masked_input:2:1", "masked_input:1:2", "masked_input:2:2", "masked_input:3:2"]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,14 @@ def secure_run(campaigns: Campaigns) -> Path:
 
 @pytest.fixture(scope="module")
 def failing_run(campaigns: Campaigns) -> Path:
-    raw = small_campaign(secure_aggregation=SECURE, **FOUR)
-    return campaigns.simulate("failing", raw, env={FAIL_ENV: FAILURES})
+    config = campaigns.write("failing", small_campaign(secure_aggregation=SECURE, **FOUR))
+    run = campaigns.root / "failing"
+    script = Path(__file__).with_name("faulty_contributors.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(config), str(run), *FAULTS], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return run
 
 
 def ledger_round(run: Path, server_round: int) -> dict[str, object]:
@@ -75,7 +86,7 @@ def test_dropout_mid_round_completes_with_survivors_and_credits_only_them(failin
     assert row["eval_loss"] < RunDir(failing_run).read_metrics()[0]["eval_loss"]
     entries = ledger_round(failing_run, 1)
     assert {p: e.status for p, e in entries.items()} == {0: "included", 1: "included", 2: "failed", 3: "included"}
-    assert "masked_input" in entries[2].reason and entries[2].credit == 0
+    assert "masked_input" in entries[2].reason and "injected fault" in entries[2].reason and entries[2].credit == 0
     assert all(entries[p].credit > 0 for p in (0, 1, 3))
 
 

@@ -1,4 +1,4 @@
-"""The pieces the SecAgg+ workflow adds around the protocol core: update encoding, wire format, setup
+"""The pieces the SecAgg+ round adds around the protocol core: update encoding, wire format, setup
 checks, the identity registry, the contributor's identity key and cohort check."""
 
 from __future__ import annotations
@@ -14,18 +14,10 @@ from flwr.app import Context, Message, RecordDict
 from fedtune.clients.secagg_client import handle_stage, identity_key
 from fedtune.config import CampaignConfig, ConfigError
 from fedtune.secagg import QuantConfig, SecAggClient, SecAggParams, SecAggServer, generate_identity, run_round
+from fedtune.secagg.campaign import check_setup, decode_mean, encode_update, flatten, quant_config, unflatten
 from fedtune.secagg.crypto import identity_public_bytes
-from fedtune.secagg.flower import (
-    check_setup,
-    decode_mean,
-    encode_update,
-    flatten,
-    from_content,
-    quant_config,
-    to_content,
-    unflatten,
-)
 from fedtune.strategies.secure import REGISTRY_FILE, IdentityRegistry
+from fedtune.wire import SecAggReply, SecAggRequest, TrainRequest
 
 from ..conftest import small_campaign
 
@@ -55,14 +47,16 @@ def test_weighted_mean_and_total_weight_come_out_of_the_secure_sum() -> None:
 
 def test_wire_format_keeps_uint64_ids_and_uint32_uploads() -> None:
     msg = {
+        "campaign_id": "c",
         "round": 3,
+        "stage": "unmask",
         "sender": 2**64 - 5,
         "ids": [2**63 + 1, 7],
         "ct": [b"x", b""],
         "b_ids": [],
         "masked": np.arange(10, dtype=np.uint32),
     }
-    back = from_content(to_content(msg))
+    back = SecAggReply.read(SecAggReply(msg).content(), "unmask").msg
     assert back.keys() == msg.keys() and back["masked"].dtype == np.uint32
     assert all(np.array_equal(back[k], v) if isinstance(v, np.ndarray) else back[k] == v for k, v in msg.items())
 
@@ -115,11 +109,15 @@ def test_contributor_refuses_a_cohort_below_its_minimum() -> None:
     cfg = CampaignConfig.from_dict(small_campaign(secure_aggregation={**SECURE, "min_cohort": 3}))
     seen = []
 
-    def trainer(message: object, context: Context, refuse: Callable[[CampaignConfig], str | None]) -> Message:
-        seen.append(refuse(cfg))
+    def trainer(
+        message: object, request: TrainRequest, context: Context, refuse: Callable[[CampaignConfig], str | None]
+    ) -> Message:
+        seen.append((request.server_round, refuse(request.campaign())))
         raise RuntimeError("stop before training")
 
-    request = SimpleNamespace(content=to_content({"round": 1, "cohort": [5, 9]}))
+    train = TrainRequest.of(cfg, "fingerprint", 1, {"b": np.zeros(3, dtype=np.float32)})
+    advertise = {"campaign_id": "test", "round": 1, "stage": "advertise", "cohort": [5, 9], "weight_max": 12.0}
+    message = SimpleNamespace(content=SecAggRequest(advertise, train).content())
     with pytest.raises(RuntimeError, match="stop before training"):
-        handle_stage("advertise", trainer, request, _context())
-    assert seen == ["secure-aggregation cohort of 2 is below the campaign minimum 3"]
+        handle_stage("advertise", trainer, message, _context())
+    assert seen == [(1, "secure-aggregation cohort of 2 is below the campaign minimum 3")]

@@ -1,34 +1,31 @@
-"""SecAgg+ on Flower's Message API: the wire format and campaign settings both sides share.
+"""SecAgg+ for a campaign: its quantization, neighbour degree and setup check, and the vector each contributor masks.
 
-The coordinator's workflow (``fedtune.strategies.secure``) and the contributor's stage handlers
-(``fedtune.clients.secagg_client``) both import from here, so a contributor never loads coordinator code.
+Job: what both the coordinator's secure round driver (``fedtune.strategies.secure``) and the contributor's stage
+handlers (``fedtune.clients.secagg_client``) derive from the campaign, so a contributor never loads coordinator
+code. The messages themselves are :mod:`fedtune.wire`'s; the protocol is :mod:`fedtune.secagg.protocol`'s.
+
+Threat: the coordinator chooses the campaign, so :func:`check_setup` is what it refuses to run with; each
+contributor applies its own minimum cohort on top (see the stage handlers).
+
+Pitfalls: both sides must flatten tensors in the same order (sorted names, never record order); the
+quantization must fit the update (see ``fedtune.strategies.secure`` on the clip range) and ``n · 2^bits``
+must stay below 2^32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from fedtune.config import CampaignConfig, ConfigError
 
-from .protocol import STAGES, SecAggAbort, default_neighbours, default_threshold, effective_degree
+from .protocol import SecAggAbort, default_neighbours, default_threshold, effective_degree
 from .quantize import QuantConfig, check_no_overflow, dequantize_sum
-
-ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK = STAGES
-SECAGG_RECORD = "secagg"  # ConfigRecord: the protocol message's scalar and list fields
-SECAGG_ARRAYS = "secagg-arrays"  # ArrayRecord: its numpy fields (the masked uint32 upload)
-
-
-def message_type(stage: str) -> str:
-    """Flower message type of a stage; the ClientApp registers ``@app.train("secagg_<stage>")``."""
-    return f"{MessageType.TRAIN}.secagg_{stage}"
 
 
 def quant_config(cfg: CampaignConfig) -> QuantConfig:
-    """Clip range and bits of the campaign (see the module docstring for why this clip range)."""
+    """Clip range and bits of the campaign (``fedtune.strategies.secure``'s docstring says why this clip range)."""
     sec = cfg.secure_aggregation
     clip = sec.clip_range or cfg.privacy.update_clip_norm or 1.0
     return QuantConfig(clip=float(clip), bits=sec.bits)
@@ -107,20 +104,3 @@ def decode_mean(total: np.ndarray, quant: QuantConfig, survivors: int) -> tuple[
     if weight <= 0:
         raise SecAggAbort(f"decoded total weight {weight:.3g} is not positive")
     return sums[:-1] / weight, weight
-
-
-def to_content(msg: Mapping[str, Any]) -> RecordDict:
-    """A protocol message as Flower records: numpy fields in an ArrayRecord, the rest in a ConfigRecord."""
-    arrays = {k: v for k, v in msg.items() if isinstance(v, np.ndarray)}
-    content = RecordDict({SECAGG_RECORD: ConfigRecord({k: v for k, v in msg.items() if k not in arrays})})
-    if arrays:
-        content[SECAGG_ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    return content
-
-
-def from_content(content: RecordDict) -> dict[str, Any]:
-    """Inverse of :func:`to_content`."""
-    msg = dict(content[SECAGG_RECORD])
-    if SECAGG_ARRAYS in content.array_records:
-        msg.update({k: a.numpy() for k, a in content[SECAGG_ARRAYS].items()})
-    return msg
