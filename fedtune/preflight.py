@@ -153,21 +153,16 @@ def _load_config_and_tokenizer(cfg: CampaignConfig, folder: Path) -> tuple[Any, 
     """transformers' config and tokenizer of the model, plus a header check of its safetensors weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    try:
-        hf_config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _error(
-            cfg, "[model] name", "a model whose config.json transformers can read", f"{folder}: {one_line(exc)}"
-        ) from None
+    def load(auto: Any, what: str) -> Any:
+        try:
+            return auto.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _error(cfg, "[model] name", f"a model whose {what}", f"{folder}: {one_line(exc)}") from None
+
+    hf_config = load(AutoConfig, "config.json transformers can read")
     for weights in sorted(folder.glob("*.safetensors")):
         _check_safetensors(cfg, weights)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _error(
-            cfg, "[model] name", "a model with a tokenizer transformers can load", f"{folder}: {one_line(exc)}"
-        ) from None
-    return hf_config, tokenizer
+    return hf_config, load(AutoTokenizer, "tokenizer transformers can load")
 
 
 def _check_safetensors(cfg: CampaignConfig, path: Path) -> None:

@@ -40,7 +40,7 @@ from fedtune.wire import (
     record_nbytes,
 )
 
-from .failures import stop_if_hopeless
+from .failures import failure_reason, stop_if_hopeless
 
 log = logging.getLogger("fedtune.server")
 
@@ -77,7 +77,7 @@ class RoundReplies:
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                out.failed.append((node, msg.error.reason))
+                out.failed.append((node, failure_reason(msg.error.reason)))  # one line, not a Ray traceback
             elif int(msg.content["metrics"].get("declined", 0)):
                 out.declined.append((node, str(msg.content["reason"]["reason"])))
             else:

@@ -193,7 +193,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             simulate(cfg, run_dir, reporter, verbose=args.verbose)
     except CampaignStopped as exc:
         reporter.close()  # before the line, so the bar does not redraw over it
-        print(f"error: {exc}; after fixing it: {resume_command(args, run_dir.root)}", file=sys.stderr)
+        print(f"error: {exc} (once fixed, carry on with: {resume_command(args, run_dir.root)})", file=sys.stderr)
         return 1
     finally:
         reporter.close()
