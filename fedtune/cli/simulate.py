@@ -164,8 +164,9 @@ def prepare_run_dir(args: argparse.Namespace, cfg: CampaignConfig) -> tuple[RunD
     run_dir = RunDir(usable_run_dir(requested, args.config, resume=args.resume).resolve())
     plan = None
     if args.resume:
-        if args.rounds is None and run_dir.config.is_file():  # carry on to the rounds the run started with
-            cfg.federation.rounds = load_config(run_dir.config).federation.rounds
+        if args.rounds is None and run_dir.config.is_file():  # carry on to the rounds it started with (or ran to)
+            started = load_config(run_dir.config).federation.rounds
+            cfg.federation.rounds = max(started, len(run_dir.read_metrics()) - 1)
         plan = run_dir.check_resumable(cfg, args.config)
     if not args.verbose:
         quiet_libraries()
