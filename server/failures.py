@@ -15,6 +15,7 @@ and later rounds are for).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from fedtune.console import one_line
@@ -28,9 +29,9 @@ class CampaignStopped(RuntimeError):
 def failure_reason(reason: str | None) -> str:
     """A contributor's error reason as one line: the wrapped exception's own message."""
     text = one_line(reason or "no reason given")
-    for marker in ("Message: ",):  # Flower's ClientAppException: "Exception ClientAppException occurred. Message: …"
-        if marker in text:
-            text = text.rsplit(marker, 1)[-1]
+    if "Message: " in text:  # Flower's ClientAppException: "Exception ClientAppException occurred. Message: …"
+        text = text.rsplit("Message: ", 1)[-1]
+    text = re.sub(r"^<class '[\w.]+'>:<'", "", text)  # Flower's "<class 'ValueError'>:<'…'>" wrapping
     return text.removesuffix("'>").strip() or "no reason given"
 
 

@@ -25,6 +25,7 @@ def test_failure_reason_is_the_contributors_own_message() -> None:
         "cannot reach ε=0.001, δ=1e-05 with q=0.04 over 6 steps: The privacy budget is too low."
     )
     assert failure_reason("ValueError: bad shard\n") == "ValueError: bad shard"
+    assert failure_reason("<class 'ValueError'>:<'no such shard'>") == "no such shard"
     assert failure_reason(None) == "no reason given"
 
 
