@@ -15,6 +15,7 @@ from fedtune.cli import main
 from fedtune.credit.ledger import Contributor, Ledger, RoundEntry, _alembic_config
 
 from .test_bad_input import snapshot
+from .test_ledger import db_url  # noqa: F401  (a fresh SQLite file, or a schema on the PostgreSQL test server)
 
 NOW = datetime(2026, 1, 8, tzinfo=UTC)
 
@@ -128,3 +129,26 @@ def test_usage_errors_are_one_line(capsys, tmp_path) -> None:
     assert "invalid int value: 'many'" in err
     err = refused(capsys, tmp_path)
     assert "--run-dir DIR or --db URL" in err
+
+
+def test_readonly_ledger_on_every_backend(db_url: str) -> None:  # noqa: F811
+    """SQLite and PostgreSQL: an old schema is named, not migrated; a current one is read; writes are refused."""
+    from fedtune.credit.ledger import LedgerError, _readonly_engine
+
+    engine = sa.create_engine(db_url)
+    with engine.begin() as connection:
+        config = _alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    with pytest.raises(LedgerError, match="it is at 0001"):
+        Ledger.open_readonly(db_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+    engine.dispose()
+    Ledger.open(db_url).close()  # a writer migrates
+    with Ledger.open_readonly(db_url) as ledger:
+        assert ledger.campaigns() == []
+    readonly = _readonly_engine(db_url)
+    with pytest.raises(sa.exc.DBAPIError), readonly.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE intruder (a INTEGER)")
+    readonly.dispose()
