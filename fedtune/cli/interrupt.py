@@ -5,7 +5,7 @@ raylet, agents and workers that ``fedtune simulate`` started. Left to themselves
 keeps the ServerApp thread running rounds, Ray's processes die in some arbitrary order (its agents outlive
 the raylet that started them), and a second Ctrl-C ends in a ``KeyboardInterrupt`` traceback.
 :func:`stop_on_interrupt` replaces that with: one line telling the user how to continue, every descendant
-process terminated (then killed), exit status ``128 + signal`` (130 for Ctrl-C).
+process terminated (then killed), exit status 130.
 
 Why a hard exit is safe: everything fedtune writes goes through :mod:`fedtune.files` (temporary name, then
 rename) or an SQLite transaction, so a process that stops between two instructions leaves the last complete
@@ -62,12 +62,14 @@ def stop_descendants(grace_s: float = 2.0, rounds: int = 3) -> None:
 
 @contextlib.contextmanager
 def stop_on_interrupt(farewell: Callable[[], str]) -> Iterator[None]:
-    """While inside: on SIGINT/SIGTERM print ``farewell()``, stop every descendant, exit ``128 + signal``."""
+    """While inside: on SIGINT print ``farewell()``, stop every descendant, exit 130.
+
+    SIGTERM is left alone: ``ray.init`` installs its own handler for it in the driver.
+    """
     become_subreaper()
 
     def handler(signum: int, _frame: object) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the stopping
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the stopping
         try:
             line = farewell()
         except Exception as exc:  # the farewell reads the run dir; never let it hide the exit
@@ -79,9 +81,8 @@ def stop_on_interrupt(farewell: Callable[[], str]) -> Iterator[None]:
             os.write(sys.stderr.fileno(), f"{show_cursor}\n{line}\n".encode())
             os._exit(128 + signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        signal.signal(signal.SIGINT, previous)
