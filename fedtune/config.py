@@ -282,7 +282,6 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
     fed, sim, lora, data = cfg.federation, cfg.simulation, cfg.lora, cfg.data
     positive_ints = {
         "[lora] rank": lora.rank,
-        "[data] max_seq_len": data.max_seq_len,
         "[federation] rounds": fed.rounds,
         "[federation] contributors_per_round": fed.contributors_per_round,
         "[federation] min_cohort": fed.min_cohort,
@@ -301,6 +300,13 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
         "[simulation] cpus_per_contributor": sim.cpus_per_contributor,
     }.items():
         _require(value > 0, path, key, "a number > 0", value)
+    _require(
+        data.max_seq_len >= 2,
+        path,
+        "[data] max_seq_len",
+        "an integer >= 2 (at least one token plus the end-of-sequence token)",
+        data.max_seq_len,
+    )
     _require(0 <= lora.dropout < 1, path, "[lora] dropout", "a number in [0, 1)", lora.dropout)
     _require(
         0 <= fed.server_momentum < 1, path, "[federation] server_momentum", "a number in [0, 1)", fed.server_momentum

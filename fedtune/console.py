@@ -2,11 +2,15 @@
 
 ``simulate``'s progress bar, ``coordinate``'s console and the server log print the campaign's rounds with
 :func:`campaign_round_line`; ``join`` prints the contributor's own rounds with :func:`contributor_round_line`.
+Errors from libraries are cut to one line with :func:`one_line` (the CLI's promise: a problem gets one line).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+PIPE_WIDTH = 1000
+"""Columns rich may use when output is not a terminal: tables keep their natural width instead of 80."""
 
 
 def campaign_round_line(row: dict[str, Any]) -> str:
@@ -35,3 +39,26 @@ def contributor_round_line(row: dict[str, Any]) -> str:
     if row.get("wall_s") is not None:
         parts.append(f"{float(row['wall_s']):.1f} s")
     return ", ".join(parts)
+
+
+def one_line(problem: BaseException | str, limit: int = 300) -> str:
+    """A problem on one line: the innermost exception of a chain (libraries wrap the useful one), whitespace
+    collapsed, cut at ``limit`` characters; for text, its last non-blank line (a traceback's message)."""
+    if isinstance(problem, BaseException):
+        exc = problem
+        while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+            exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    else:
+        lines = [line.strip() for line in problem.splitlines() if line.strip()]
+        text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def output_console(stderr: bool = False) -> Any:
+    """A rich ``Console``: the terminal's width on a terminal; elsewhere (a pipe, a file) wide enough that
+    tables keep their natural width instead of being cut at rich's default of 80 columns."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)

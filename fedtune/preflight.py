@@ -1,23 +1,364 @@
 """Preflight: everything about a campaign that can be checked before anything is written or started.
 
-The CLI (``simulate``) and the coordinator launcher run it before they create a run dir, so bad input ends
-in one ``error:`` line and exit code 2 with nothing on disk.
+``fedtune simulate`` and ``fedtune coordinate`` call it before they create a run dir or start a worker, so bad
+input ends in one ``error: FILE: [section] key: expected X, found Y`` line (:class:`ConfigError`), exit code 2,
+and nothing on disk. What is checked, in order (cheap first, so the common mistakes answer fast):
+
+- the campaign file (:func:`fedtune.config.load_config`: syntax, types, ranges, local paths);
+- the model: a known ``builtin:`` name, a local dir whose ``config.json`` and weights transformers can read,
+  or a hub id in the local cache (or, when the hub is reachable, its small files); its tokenizer;
+- LoRA: every ``target_modules`` name matches layers of the model LoRA can adapt, and the rank is no larger
+  than the smallest dimension of those layers (a larger rank adds parameters and nothing else);
+- ``[data] max_seq_len`` within the model's positions;
+- the data: readable records with the configured fields holding text, a non-empty tokenized eval split, and
+  a non-empty shard for every virtual contributor under the configured partitioner (plus ``extra_data``);
+- DP-SGD: a noise multiplier exists for the target ε over the planned steps at every shard size
+  (:func:`fedtune.privacy.calibrate_noise`, the contributors' own calibration);
+- SecAgg+: :func:`fedtune.secagg.campaign.check_setup` (sum overflow, threshold, cohort).
+
+Pitfalls: nothing here may write into the run dir or download weights; the hub is tried offline first and
+never retried (``datasets`` would retry an unreachable hub for half a minute); the model is instantiated on
+PyTorch's ``meta`` device, so a huge rank or model costs no memory; library chatter is muted while checking.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fedtune.config import CampaignConfig, ConfigError, load_config
+from fedtune.config import CampaignConfig, ConfigError, is_builtin, load_config, looks_local
+from fedtune.console import one_line
+
+_SMALL_HUB_FILES = ["*.json", "*.model", "*.txt"]
+_NOISY_LOGGERS = ("datasets", "transformers", "huggingface_hub", "peft", "httpx", "fsspec")
 
 
-def validate_campaign(path: str, overrides: dict[str, dict[str, Any]] | None = None) -> CampaignConfig:
-    """Everything that can be checked before work starts: the file, the model files, the data fields."""
-    from fedtune.ml.data import DataError, load_raw, split_eval
+@dataclass
+class Preflight:
+    """What the checks found out, for callers that want to report it."""
 
+    cfg: CampaignConfig
+    model_dir: Path | None = None
+    shard_sizes: list[int] = field(default_factory=list)
+    eval_examples: int = 0
+
+
+def validate_campaign(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> CampaignConfig:
+    """Load the campaign file and run every preflight check on it; raises :class:`ConfigError` on the first problem."""
     cfg = load_config(path, overrides)
-    try:
-        split_eval(cfg, load_raw(cfg.data))
-    except DataError as exc:
-        raise ConfigError(path, "[data] source", str(exc).split(": ", 1)[-1]) from None
+    check_campaign(cfg)
     return cfg
+
+
+def check_campaign(cfg: CampaignConfig) -> Preflight:
+    """Every check after the file itself (model, LoRA, sequence length, data, DP, SecAgg+); see the module doc."""
+    report = Preflight(cfg)
+    with _quiet():
+        report.model_dir = model_dir(cfg)
+        hf_config, tokenizer = _load_config_and_tokenizer(cfg, report.model_dir)
+        check_lora(cfg, hf_config)
+        check_sequence_length(cfg, hf_config)
+        report.eval_examples, report.shard_sizes = check_data(cfg, tokenizer)
+        check_privacy(cfg, report.shard_sizes)
+        check_secure_aggregation(cfg)
+    return report
+
+
+def _error(cfg: CampaignConfig, key: str, expected: str, found: object) -> ConfigError:
+    return ConfigError(cfg.source_file or "<campaign>", key, expected, found)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Mute library logs and warnings while checking: a failed check is reported once, by us."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set: nothing may be fetched from the hub."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def model_dir(cfg: CampaignConfig) -> Path:
+    """The local folder of the base model's files, or a one-line :class:`ConfigError` saying why there is none."""
+    from fedtune.ml.tiny import BUILTIN_MODELS, builtin_path
+
+    name = cfg.model.name
+    expected = f"a model directory, a hub id, or one of the built-in models {list(BUILTIN_MODELS)}"
+    if is_builtin(name):
+        if name not in BUILTIN_MODELS:
+            raise _error(cfg, "[model] name", expected, name)
+        return builtin_path(name)
+    if Path(name).is_dir():
+        return Path(name)
+    return _hub_model_dir(cfg)
+
+
+def _hub_model_dir(cfg: CampaignConfig) -> Path:
+    """A hub id: the local cache first; the hub itself only when not offline, small files only, no retries."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from fedtune.config import WEIGHT_FILES
+
+    name, revision = cfg.model.name, cfg.model.revision
+    try:
+        cached = Path(snapshot_download(name, revision=revision, local_files_only=True))
+        if any((cached / w).exists() for w in WEIGHT_FILES) or not hub_offline():
+            return cached
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        pass
+    if hub_offline():
+        raise _error(
+            cfg,
+            "[model] name",
+            "a model directory, a built-in model, or a hub id whose files are in the local cache "
+            "(HF_HUB_OFFLINE is set: nothing is downloaded)",
+            name,
+        )
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=_SMALL_HUB_FILES))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise _error(
+            cfg,
+            "[model] name",
+            f"a model directory, a built-in model, or a hub id the hub serves (not in the local cache; "
+            f"the hub answered: {one_line(exc)})",
+            name,
+        ) from None
+
+
+def _load_config_and_tokenizer(cfg: CampaignConfig, folder: Path) -> tuple[Any, Any]:
+    """transformers' config and tokenizer of the model, plus a header check of its safetensors weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    def load(auto: Any, what: str) -> Any:
+        try:
+            return auto.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise _error(cfg, "[model] name", f"a model whose {what}", f"{folder}: {one_line(exc)}") from None
+
+    hf_config = load(AutoConfig, "config.json transformers can read")
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(cfg, weights)
+    return hf_config, load(AutoTokenizer, "tokenizer transformers can load")
+
+
+def _check_safetensors(cfg: CampaignConfig, path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # safetensors raises its own SafetensorError (not exported) for a damaged file
+        raise _error(
+            cfg, "[model] name", "a model whose weight files are complete", f"{path}: {one_line(exc)}"
+        ) from None
+
+
+def _meta_model(cfg: CampaignConfig, hf_config: Any) -> Any:
+    """The model's architecture on the ``meta`` device: every module and shape, no memory, no weights read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise _error(cfg, "[model] name", "a causal language model transformers can build", one_line(exc)) from None
+
+
+def check_lora(cfg: CampaignConfig, hf_config: Any) -> None:
+    """Every target module name matches a layer LoRA can adapt; the rank fits the smallest of them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from fedtune.ml.model import lora_config
+
+    model = _meta_model(cfg, hf_config)
+    lora = cfg.lora
+    modules = dict(model.named_modules())
+    adaptable = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    )
+    dims: dict[str, tuple[int, int]] = {}
+    for target in lora.target_modules:
+        probe = LoraConfig(target_modules=[target])
+        matched = [n for n in modules if n and check_target_module_exists(probe, n)]
+        if not matched:
+            raise _error(
+                cfg,
+                "[lora] target_modules",
+                f"names of layers of {cfg.model.name} (e.g. {', '.join(adaptable[:8])})",
+                target,
+            )
+        for name in matched:
+            weight = getattr(modules[name], "weight", None)
+            if weight is not None and weight.dim() >= 2:
+                dims[name] = (int(weight.shape[0]), math.prod(int(d) for d in weight.shape[1:]))
+    if dims:
+        smallest = min(dims, key=lambda n: min(dims[n]))
+        limit = min(dims[smallest])
+        if lora.rank > limit:
+            shape = "x".join(map(str, dims[smallest]))
+            raise _error(
+                cfg,
+                "[lora] rank",
+                f"an integer <= {limit} (the smallest dimension of the targeted layers: {smallest} is {shape})",
+                lora.rank,
+            )
+    try:
+        with torch.device("meta"):
+            get_peft_model(model, lora_config(lora))
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        raise _error(
+            cfg, "[lora] target_modules", "layers LoRA can adapt (linear, embedding or convolution)", one_line(exc)
+        ) from None
+
+
+def check_sequence_length(cfg: CampaignConfig, hf_config: Any) -> None:
+    """``max_seq_len`` within the positions the model has."""
+    positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if isinstance(positions, int) and cfg.data.max_seq_len > positions:
+        raise _error(
+            cfg,
+            "[data] max_seq_len",
+            f"an integer <= {positions} (the model's max_position_embeddings)",
+            cfg.data.max_seq_len,
+        )
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def _check_hub_dataset(cfg: CampaignConfig, source: str, key: str) -> None:
+    """A hub dataset id: fail in a second when the hub is unreachable (datasets retries for half a minute)."""
+    if looks_local(source) or hub_offline():
+        return  # offline, datasets reads its cache or fails at once
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(source, timeout=10)
+    except Exception as exc:  # HfHubHTTPError, and httpx's transport errors (no DNS, refused): not OSErrors
+        raise _error(
+            cfg,
+            key,
+            "a local data file or folder, or a dataset id the hub serves (set HF_HUB_OFFLINE=1 to use a cached copy)",
+            f"{source} (the hub did not answer: {one_line(exc)})",
+        ) from None
+
+
+def check_data(cfg: CampaignConfig, tokenizer: Any) -> tuple[int, list[int]]:
+    """(tokenized eval examples, every virtual contributor's shard size); errors name the key to fix."""
+    import dataclasses
+
+    from fedtune.ml.data import DataError, load_raw, partition, split_eval, tokenize
+
+    _check_hub_dataset(cfg, cfg.data.source, "[data] source")
+    try:
+        pool, eval_ds = split_eval(cfg, load_raw(cfg.data))
+    except DataError as exc:
+        raise _error(cfg, "[data] source", "records the [data] section can read", str(exc)) from None
+    n_eval = len(tokenize(cfg.data, eval_ds, tokenizer))
+    if n_eval == 0:
+        raise _error(cfg, "[data] source", "text in the held-out eval records", "only empty texts")
+    n = cfg.simulation.contributors
+    sizes = []
+    for pid in range(n):
+        try:
+            size = len(partition(cfg, pool, pid, n))
+        except (DataError, ValueError, KeyError) as exc:
+            raise _error(
+                cfg,
+                "[simulation] partitioner",
+                f"a partitioner that can split {len(pool)} training records among {n} contributors",
+                f"{cfg.simulation.partitioner}: {one_line(exc)}",
+            ) from None
+        extra = cfg.simulation.extra_data.get(str(pid))
+        if extra:
+            try:
+                size += len(load_raw(dataclasses.replace(cfg.data, source=extra)))
+            except DataError as exc:
+                raise _error(cfg, f"[simulation] extra_data.{pid}", "records like [data] source's", str(exc)) from None
+        if size == 0:
+            raise _error(
+                cfg,
+                "[simulation] contributors",
+                f"few enough contributors that each gets training records ({len(pool)} records in all)",
+                f"{n} (contributor {pid} gets none)",
+            )
+        sizes.append(size)
+    return n_eval, sizes
+
+
+# ----------------------------------------------------------------------------------------- privacy, secagg
+
+
+def check_privacy(cfg: CampaignConfig, shard_sizes: list[int]) -> None:
+    """DP-SGD: a noise multiplier reaching the target ε over the planned steps exists for every shard size.
+
+    Opacus' search doubles σ from 20 until ε falls below the target and gives up above σ = 10⁶, which takes
+    minutes with the PRV accountant; evaluating ε once at its last σ decides the same thing in a fraction of
+    a second. The calibration itself then runs for the smallest shard (the hardest sampling rate).
+    """
+    priv, fed = cfg.privacy, cfg.federation
+    if priv.mechanism != "dp-sgd" or not shard_sizes:
+        return
+    from fedtune.privacy import PrivacyParams, calibrate_noise, default_delta, epsilon_of, sample_rate_for
+    from fedtune.privacy.accounting import new_accountant
+
+    params = PrivacyParams.from_campaign(priv, campaign_rounds=fed.rounds)
+    steps = fed.local_steps * params.planned_rounds
+    last_sigma = 20.0 * 2**16  # the largest σ opacus.accountants.utils.get_noise_multiplier tries
+    for size in sorted(set(shard_sizes)):
+        delta = params.target_delta or default_delta(size)
+        rate = sample_rate_for(fed.batch_size, size)
+        accountant = new_accountant(params.accountant)
+        accountant.history = [(last_sigma, rate, steps)]
+        if epsilon_of(accountant, delta) > params.target_epsilon:
+            raise _error(
+                cfg,
+                "[privacy] target_epsilon",
+                f"an ε DP-SGD can reach for a shard of {size} records (batch {fed.batch_size}, {steps} steps, "
+                f"δ={delta:g}, {params.accountant}): raise it, or lower local_steps/planned_rounds",
+                priv.target_epsilon,
+            )
+    smallest = min(shard_sizes)
+    delta = params.target_delta or default_delta(smallest)
+    try:
+        calibrate_noise(
+            params.target_epsilon, delta, sample_rate_for(fed.batch_size, smallest), steps, params.accountant
+        )
+    except ValueError as exc:
+        raise _error(cfg, "[privacy] target_epsilon", "an ε DP-SGD can reach", str(exc)) from None
+
+
+def check_secure_aggregation(cfg: CampaignConfig) -> None:
+    """SecAgg+ setup sound for the campaign's cohort (raises :class:`ConfigError`)."""
+    if cfg.secure_aggregation.protocol == "none":
+        return
+    from fedtune.secagg.campaign import check_setup
+
+    check_setup(cfg)

@@ -39,15 +39,16 @@ from fedtune.files import atomic_write_dir
 from fedtune.ml.data import load_eval
 from fedtune.ml.evaluation import evaluate_loss
 from fedtune.ml.model import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
-from fedtune.rundir import RunDir
+from fedtune.rundir import SERVER_STATE, RunDir
 from fedtune.strategies.driver import NodeOutcome, RoundDriver, RoundResult
 from fedtune.strategies.plain import PlainRound
 from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy, restore_strategy_state, strategy_state
 from fedtune.wire import TrainRequest
 
+from .failures import stop_if_hopeless
+
 log = logging.getLogger("fedtune.server")
-SERVER_STATE = "server_state.npz"
 
 
 class Reporter(Protocol):
@@ -156,17 +157,12 @@ class CampaignServer:
 
     def resume_point(self, strategy: FedAvg) -> tuple[int, list[dict[str, Any]]] | None:
         """The last round whose metrics and checkpoint are both complete, restored into model and strategy."""
-        rows = self.run_dir.read_metrics()
-        for row in reversed(rows):
-            state_file = self.run_dir.checkpoint(row["round"]) / SERVER_STATE
-            if not state_file.is_file():
-                continue
-            with np.load(state_file) as npz:
-                state = {k: npz[k] for k in npz.files}
-            load_trainable(self.model, {k[len("adapter/") :]: v for k, v in state.items() if k.startswith("adapter/")})
-            restore_strategy_state(strategy, {k: v for k, v in state.items() if not k.startswith("adapter/")})
-            return row["round"], [r for r in rows if r["round"] <= row["round"]]
-        return None
+        point = self.run_dir.resume_point()
+        if point is None:
+            return None
+        load_trainable(self.model, point.adapter)
+        restore_strategy_state(strategy, point.strategy_state)
+        return point.round, point.rows
 
     def wait_for_contributors(self, grid: Grid) -> int:
         """Wait (up to one round timeout) until a full cohort is online; returns how many are.
@@ -210,6 +206,7 @@ class CampaignServer:
             self.cfg, self.fingerprint, server_round, current, str(self.run_dir.root / "contributors")
         )
         result = self.driver.run(grid, strategy, request)
+        stop_if_hopeless(server_round, result.outcomes)  # every contributor failed the same way: stop, record nothing
         if result.arrays is not None:
             load_trainable(self.model, result.arrays)
         row = round_row(server_round, result, self.evaluate(), time.perf_counter() - start)

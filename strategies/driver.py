@@ -23,6 +23,7 @@ Pitfalls
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ class NodeOutcome:
         What it trained, when its input reached the aggregation.
     epsilon : float, optional
         The ε it reported spent so far.
+    error : bool
+        It answered with an error (its ClientApp raised), as opposed to no reply or a refused reply.
     """
 
     node_id: int
@@ -79,6 +82,7 @@ class NodeOutcome:
     contributor: ContributorInfo | None = None
     report: TrainReport | None = None
     epsilon: float | None = None
+    error: bool = False
 
     @property
     def reported_wall_s(self) -> float | None:
@@ -155,10 +159,17 @@ class RoundDriver(Protocol):
         ...
 
 
-def tail(reason: str, limit: int = 240) -> str:
-    """The end of an error reason, on one line: Ray wraps a ClientApp's exception message in its traceback."""
-    flat = " ".join(str(reason).split())
-    return flat if len(flat) <= limit else "..." + flat[-limit:]
+def failure_reason(reason: str | None, limit: int = 240) -> str:
+    """A contributor's error reason as one line: the wrapped exception's own message.
+
+    Flower wraps a ClientApp's exception in layers of its own (in simulation, a Ray traceback):
+    ``Exception ClientAppException occurred. Message: <class 'ValueError'>:<'…'>``.
+    """
+    text = " ".join(str(reason or "no reason given").split())
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[-1]
+    text = re.sub(r"^<class '[\w.]+'>:<'", "", text).removesuffix("'>").strip() or "no reason given"
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 class NodeFates:
@@ -178,6 +189,7 @@ class NodeFates:
         self.who: dict[int, ContributorInfo] = {}
         self.epsilon: dict[int, float] = {}
         self.inputs: dict[int, TrainReport] = {}  # in the aggregate, if the round applies
+        self.errors: set[int] = set()  # answered with an error (the ClientApp raised)
 
     def active(self) -> set[int]:
         """Cohort members with no fate yet."""
@@ -205,7 +217,8 @@ class NodeFates:
         """
         node, label = message.metadata.src_node_id, stage or "train"
         if message.has_error():
-            self.out(node, "failed", f"{label}: {tail(message.error.reason)}")
+            self.errors.add(node)
+            self.out(node, "failed", f"{label}: {failure_reason(message.error.reason)}")
             return None
         try:
             reply = read_reply(message.content, stage, like)
@@ -264,7 +277,15 @@ class NodeFates:
             else:
                 status, reason = self.fate.get(node, not_applied)
             out.append(
-                NodeOutcome(node, status, reason, self.who.get(node), self.inputs.get(node), self.epsilon.get(node))
+                NodeOutcome(
+                    node,
+                    status,
+                    reason,
+                    self.who.get(node),
+                    self.inputs.get(node),
+                    self.epsilon.get(node),
+                    error=node in self.errors,
+                )
             )
         return out
 

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "experiments" / "data" / "python-docs.jsonl"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here: the hub is unreachable in tests
 
 
 def small_campaign(**sections: dict) -> dict:

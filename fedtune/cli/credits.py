@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedtune.cli.parser import OneLineParser
 from fedtune.credit.formula import CREDIT_UNIT, RAC_HALF_LIFE
 from fedtune.rundir import LEDGER_FILENAME
 
@@ -48,39 +49,52 @@ def add_credits_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def run_credits(args: argparse.Namespace) -> int:
-    """Print the leaderboard for ``args`` (from :func:`add_credits_parser`); return the exit status."""
-    import sqlalchemy as sa
-    from rich.console import Console
+def _refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
+
+def run_credits(args: argparse.Namespace) -> int:
+    """Print the leaderboard for ``args`` (from :func:`add_credits_parser`); return the exit status.
+
+    Reads only: the ledger is opened read-only (:meth:`Ledger.open_readonly`), so a wrong path or URL is an
+    ``error:`` line and exit 2, never a new or migrated database.
+    """
+    import sqlalchemy as sa
+
+    from fedtune.console import one_line, output_console
     from fedtune.credit.leaderboard import credits_payload, render_leaderboard
-    from fedtune.credit.ledger import Ledger, redact, resolve_url, utc_now
+    from fedtune.credit.ledger import Ledger, LedgerError, default_url, redact, utc_now
 
     if args.db is None and args.run_dir is None:
-        print("fedtune credits: give --run-dir DIR or --db URL", file=sys.stderr)
-        return 2
-    if args.db is None and not (args.run_dir / LEDGER_FILENAME).is_file():
-        print(f"fedtune credits: no ledger at {args.run_dir / LEDGER_FILENAME}", file=sys.stderr)
-        return 2
-    url = resolve_url(args.run_dir, args.db)
+        return _refuse("fedtune credits: expected --run-dir DIR or --db URL, found neither")
+    if args.top is not None and args.top < 1:
+        return _refuse(f"--top: expected an integer >= 1, found {args.top}")
+    url = args.db if args.db is not None else default_url(args.run_dir)
     as_of = (args.as_of or utc_now()).astimezone(UTC)
     try:
-        with Ledger.open(url) as ledger:
+        with Ledger.open_readonly(url) as ledger:
+            known = ledger.campaigns()
+            if args.campaign is not None and args.campaign not in known:
+                return _refuse(f"--campaign: expected one of the ledger's campaigns {known}, found {args.campaign!r}")
             contributors = ledger.leaderboard(args.campaign, as_of, limit=args.top)
             teams = ledger.team_totals(args.campaign, as_of)
-    except sa.exc.SQLAlchemyError as error:
-        print(f"fedtune credits: cannot read ledger {redact(url)}: {error}", file=sys.stderr)
-        return 1
+    except LedgerError as exc:
+        return _refuse(str(exc))
+    except sa.exc.SQLAlchemyError as exc:
+        return _refuse(
+            f"{redact(url)}: expected a readable ledger, found {one_line(getattr(exc, 'orig', None) or exc)!r}"
+        )
     if args.json:
         print(json.dumps(credits_payload(contributors, teams, args.campaign, as_of), indent=2))
     else:
-        render_leaderboard(Console(), contributors, teams, as_of)
+        render_leaderboard(output_console(), contributors, teams, as_of)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m fedtune.cli.credits``), same options as ``fedtune credits``."""
-    parser = argparse.ArgumentParser(prog="fedtune credits", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fedtune credits", description=__doc__.splitlines()[0])
     _add_arguments(parser)
     return run_credits(parser.parse_args(argv))
 

@@ -1,15 +1,24 @@
-"""The ``simulate`` command: a whole campaign on this machine, with a progress bar and a summary table."""
+"""The ``simulate`` command: a whole campaign on this machine, with a progress bar and a summary table.
+
+Order matters: the campaign file and ``--run-dir`` are checked before anything heavy is imported (a typo
+answers in well under a second), then :mod:`fedtune.preflight` checks model, data, DP and SecAgg+; only then
+is the run dir created (or, with ``--resume``, repaired) and Ray started. Every problem before that point is
+one ``error:`` line, exit 2, nothing written. Ctrl-C stops the run within seconds, exit 130, and names the
+``--resume`` command (:mod:`fedtune.cli.interrupt`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import CampaignConfig, load_config
-from fedtune.console import campaign_round_line
-from fedtune.preflight import validate_campaign
+from fedtune.console import campaign_round_line, output_console
+from fedtune.rundir import RunDir, usable_run_dir
 
 
 class _ProgressReporter:
@@ -46,7 +55,6 @@ class _ProgressReporter:
 
 
 def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"fedtune run {run_dir}")
@@ -75,7 +83,7 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
             f"{r['bytes_down'] / 1e6:.3f}",
             f"{r['wall_s']:.1f}",
         )
-    console = Console()
+    console = output_console()
     console.print(table)
     _top_contributors(console, run_dir)
     if len(rows) > 1:
@@ -105,8 +113,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+class _QuietFlower(logging.Filter):
+    """Drop Flower's records a fedtune user cannot act on; fedtune reports contributor failures itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:  # a contributor's traceback, logged by the engine per message
+            return not record.pathname.endswith(("vce_api.py", "raybackend.py"))
+        return False  # warnings: run_simulation's deprecation, fraction_evaluate = 0, ...
+
+
 def quiet_libraries() -> None:
-    """Hide download-style progress bars and deprecation chatter that say nothing about the campaign."""
+    """Hide progress bars, deprecation chatter and Flower's warnings that say nothing about the campaign."""
     import warnings
 
     import datasets
@@ -115,23 +132,70 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _QuietFlower) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_QuietFlower())
+
+
+def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that carries on this run: same campaign file and overrides, ``--resume``."""
+    parts = ["fedtune", "simulate", args.config, "--run-dir", str(run_dir), "--resume"]
+    if args.contributors is not None:
+        parts += ["--contributors", str(args.contributors)]
+    if args.rounds is not None:
+        parts += ["--rounds", str(args.rounds)]
+    return shlex.join(parts)
+
+
+def _farewell(args: argparse.Namespace, run_dir: RunDir) -> str:
+    rows = run_dir.read_metrics()
+    kept = f"rounds 0-{len(rows) - 1}" if rows else "no completed round"
+    return f"interrupted: {run_dir.root} keeps {kept}; carry on with: {resume_command(args, run_dir.root)}"
+
+
+def prepare_run_dir(args: argparse.Namespace, cfg: CampaignConfig) -> tuple[RunDir, list[str]]:
+    """Check everything, then create the run dir (or repair it for ``--resume``); returns it and what was done.
+
+    Nothing is written until every check has passed.
+    """
+    from fedtune.preflight import check_campaign
+
+    requested = Path(args.run_dir) if args.run_dir else Path(cfg.campaign.run_dir)
+    run_dir = RunDir(usable_run_dir(requested, args.config, resume=args.resume).resolve())
+    plan = None
+    if args.resume:
+        if args.rounds is None and run_dir.config.is_file():  # carry on to the rounds it started with (or ran to)
+            started = load_config(run_dir.config).federation.rounds
+            cfg.federation.rounds = max(started, len(run_dir.read_metrics()) - 1)
+        plan = run_dir.check_resumable(cfg, args.config)
+    if not args.verbose:
+        quiet_libraries()
+    check_campaign(cfg)
+    cfg.campaign.run_dir = str(run_dir.root)
+    if plan is not None:
+        return run_dir, plan.apply()
+    run_dir.create(cfg.to_toml())
+    return run_dir, []
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.rundir import RunDir, fresh_run_dir
+    cfg = load_config(args.config, _overrides(args))
+    run_dir, notes = prepare_run_dir(args, cfg)
+    from fedtune.cli.interrupt import stop_on_interrupt
+    from fedtune.server.failures import CampaignStopped
     from fedtune.server.simulation import simulate
 
-    if not args.verbose:
-        quiet_libraries()
-    cfg = validate_campaign(args.config, _overrides(args))
-    requested = Path(args.run_dir).resolve() if args.run_dir else Path(cfg.campaign.run_dir)
-    run_dir = RunDir(requested if args.resume and (requested / "config.toml").is_file() else fresh_run_dir(requested))
-    cfg.campaign.run_dir = str(run_dir.root)
-    run_dir.create(cfg.to_toml())
     print(f"run dir: {run_dir.root}", file=sys.stderr)
+    for note in notes:
+        print(f"resume: {note}", file=sys.stderr)
     reporter = _ProgressReporter()
     try:
-        simulate(cfg, run_dir, reporter, verbose=args.verbose)
+        with stop_on_interrupt(lambda: _farewell(args, run_dir)):
+            simulate(cfg, run_dir, reporter, verbose=args.verbose)
+    except CampaignStopped as exc:
+        reporter.close()  # before the line, so the bar does not redraw over it
+        print(f"error: {exc} (once fixed, carry on with: {resume_command(args, run_dir.root)})", file=sys.stderr)
+        return 1
     finally:
         reporter.close()
     rows = run_dir.read_metrics()

@@ -7,7 +7,9 @@ SQLite and PostgreSQL (check-then-insert in the same transaction elsewhere), one
 
 Storage is SQLAlchemy 2.x: by default an embedded SQLite file ``RUN_DIR/ledger.sqlite``, or any SQLAlchemy
 URL (``postgresql+psycopg://user:pw@host/db``). The schema is managed by Alembic; the migrations ship inside
-the package (``fedtune/credit/migrations``) and :meth:`Ledger.open` upgrades the database to head.
+the package (``fedtune/credit/migrations``) and :meth:`Ledger.open` upgrades the database to head. Readers
+(``fedtune credits``) use :meth:`Ledger.open_readonly`, which never creates, migrates or writes a database: a
+typo in a path must not leave an empty ledger behind, and a reader must not change a writer's schema.
 
 Credit is computed here, from what the server assigned (see :mod:`fedtune.credit.formula` for the formula and unit),
 never from what a contributor reports. Reported wall time is stored and checked against the contributor's
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from alembic import command
@@ -256,12 +259,83 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def upgrade_to_head(connection: Connection) -> None:
-    """Run the packaged Alembic migrations on ``connection`` up to head (a no-op when current)."""
+def _alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return config
+
+
+def upgrade_to_head(connection: Connection) -> None:
+    """Run the packaged Alembic migrations on ``connection`` up to head (a no-op when current)."""
+    config = _alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+class LedgerError(ValueError):
+    """A ledger that cannot be read as asked; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, where: str, expected: str, found: object) -> None:
+        super().__init__(f"{where}: expected {expected}, found {found!r}")
+
+
+def _readonly_engine(url: str) -> Engine:
+    """An engine that cannot create, migrate or write the database at ``url`` (see :meth:`Ledger.open_readonly`)."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise LedgerError(
+            "--db", "an SQLAlchemy URL (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB)", url
+        ) from None
+    where = redact(parsed)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise LedgerError(where, "the path of a ledger file (sqlite:///PATH)", parsed.database or "no path")
+        path = Path(parsed.database).expanduser().resolve()
+        if not path.is_file():
+            raise LedgerError(where, "an existing ledger file (reading never creates one)", f"no ledger at {path}")
+        if path.stat().st_size == 0:
+            raise LedgerError(where, "a ledger (an SQLite file written by fedtune)", f"{path}: an empty file")
+        # mode=ro never writes; immutable=1 also skips the -shm/-wal files, unless a writer keeps a WAL right now
+        live = path.with_name(path.name + "-wal").exists()
+        return sa.create_engine(f"sqlite:///file:{quote(str(path))}?mode=ro{'' if live else '&immutable=1'}&uri=true")
+    try:
+        engine = sa.create_engine(parsed)
+    except sa.exc.NoSuchModuleError:
+        raise LedgerError("--db", "a database SQLAlchemy knows (sqlite, postgresql, …)", where) from None
+    except ImportError as exc:
+        raise LedgerError(
+            "--db", f"a database whose Python driver is installed (missing: {exc.name or exc})", where
+        ) from None
+
+    @event.listens_for(engine, "begin")
+    def _read_only(connection: Connection) -> None:
+        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    return engine
+
+
+def check_schema(engine: Engine, where: str) -> None:
+    """Refuse (``LedgerError``) a database that is not a fedtune ledger at this version's schema revision."""
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as connection:
+        if not sa.inspect(connection).has_table("alembic_version"):
+            raise LedgerError(where, "a fedtune credit ledger", "a database without fedtune's tables")
+        found = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    head = scripts.get_current_head()
+    if found == head:
+        return
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    if found in known:
+        raise LedgerError(
+            where,
+            f"a ledger at schema revision {head} (it is at {found}, older: the next fedtune simulate --resume or "
+            f"coordinate on it migrates it)",
+            found,
+        )
+    raise LedgerError(where, f"a ledger at schema revision {head} (a newer fedtune wrote it: upgrade fedtune)", found)
 
 
 ON_CONFLICT_INSERTS: dict[str, Callable[[sa.Table], sqlite.Insert | postgresql.Insert]] = {
@@ -325,6 +399,21 @@ class Ledger:
                 upgrade_to_head(connection)
         return cls(engine, clock)
 
+    @classmethod
+    def open_readonly(cls, url: str, *, clock: Clock = utc_now) -> Ledger:
+        """Open an existing ledger for reading only: never creates, migrates or writes it.
+
+        Raises :class:`LedgerError` (one line) for a URL that does not parse, an unknown dialect or missing driver,
+        a missing or empty SQLite file, a database without fedtune's tables, and a schema at another revision.
+        """
+        engine = _readonly_engine(url)
+        try:
+            check_schema(engine, redact(url))
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, clock)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -367,6 +456,11 @@ class Ledger:
                 if contributor.declared_peak_flops is not None:
                     row.declared_peak_flops = contributor.declared_peak_flops
             return [_contributor(known[c.id]) for c in wanted]
+
+    def campaigns(self) -> list[str]:
+        """Every campaign with a recorded round, sorted."""
+        with self._sessions() as session:
+            return sorted(session.scalars(sa.select(RoundCreditRow.campaign).distinct()))
 
     def contributor(self, id: str) -> Contributor | None:
         with self._sessions() as session:
@@ -604,10 +698,12 @@ __all__ = [
     "Contributor",
     "LeaderboardRow",
     "Ledger",
+    "LedgerError",
     "RoundCredit",
     "RoundEntry",
     "Status",
     "TeamRow",
+    "check_schema",
     "default_url",
     "redact",
     "resolve_url",

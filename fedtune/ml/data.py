@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset, load_dataset
 
 from fedtune.config import CampaignConfig, DataSection
+from fedtune.console import one_line
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n### Response:\n{response}"
@@ -24,15 +25,28 @@ class DataError(ValueError):
 
 
 def load_raw(data: DataSection) -> Dataset:
-    """The whole dataset as one ``datasets.Dataset`` (local file, local dataset folder, or hub id)."""
+    """The whole dataset as one ``datasets.Dataset`` (local file, local dataset folder, or hub id).
+
+    Raises :class:`DataError` (one line) for anything that is not usable records with the configured fields:
+    an empty or unparsable file, an empty folder, an unreachable hub id, a missing field, a field that does
+    not hold text in every record.
+    """
+    from datasets.exceptions import DatasetsError
+
     path = Path(data.source)
-    if path.is_file():
-        builder = _BUILDERS.get(path.suffix)
-        if builder is None:
-            raise DataError(f"{data.source}: expected a file ending in {sorted(_BUILDERS)}")
-        ds = load_dataset(builder, data_files=str(path), split="train")
-    else:
-        ds = load_dataset(data.source, split=data.split)
+    builder = _BUILDERS.get(path.suffix)
+    if path.is_file() and builder is None:
+        raise DataError(f"{data.source}: expected a file ending in {sorted(_BUILDERS)}")
+    try:
+        if path.is_file():
+            ds = load_dataset(builder, data_files=str(path), split="train")
+        else:
+            ds = load_dataset(data.source, split=data.split)
+    except StopIteration:  # datasets' json builder on a file without a single record
+        raise DataError(f"{data.source}: expected records, found none (an empty file)") from None
+    except (DatasetsError, OSError, ValueError, TypeError) as exc:
+        what = f"{builder} records" if path.is_file() else "a dataset"
+        raise DataError(f"{data.source}: expected {what}, found an error: {one_line(exc)}") from None
     needed = [data.text_field] if data.format == "text" else [data.instruction_field, data.response_field]
     if path.suffix == ".txt":
         needed = ["text"]
@@ -41,7 +55,26 @@ def load_raw(data: DataSection) -> Dataset:
         raise DataError(
             f"{data.source}: [data] {data.format} format needs field(s) {missing}, found columns {ds.column_names}"
         )
+    if len(ds) == 0:
+        raise DataError(f"{data.source}: expected records, found none")
+    for name in needed:
+        _check_text_column(data, ds, name)
     return ds
+
+
+def _check_text_column(data: DataSection, ds: Dataset, name: str) -> None:
+    """Every record's ``name`` must be a string: a number, a list or a missing value cannot be tokenized."""
+    feature = ds.features[name]
+    dtype = getattr(feature, "dtype", None)
+    if dtype not in ("string", "large_string"):
+        example = next((v for v in ds[name] if not isinstance(v, str)), None)
+        raise DataError(
+            f"{data.source}: field {name!r} must hold text in every record, found {type(example).__name__} "
+            f"values such as {example!r}"
+        )
+    nulls = ds.data.column(name).null_count
+    if nulls:
+        raise DataError(f"{data.source}: field {name!r} must hold text in every record, {nulls} record(s) lack it")
 
 
 def render(data: DataSection, row: dict) -> str:

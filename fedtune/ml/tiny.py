@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 TINY_LLAMA = "builtin:tiny-llama"
+BUILTIN_MODELS = (TINY_LLAMA,)
+"""Every ``builtin:`` model name fedtune knows how to build."""
 _BUILD_VERSION = "1"
 
 

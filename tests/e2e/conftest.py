@@ -24,6 +24,7 @@ class Campaigns:
     """Runs ``fedtune simulate`` on campaign dicts in a session-wide temporary folder."""
 
     root: Path
+    last: subprocess.CompletedProcess[str] | None = None  # the latest run, for tests that read its output
 
     def write(self, name: str, raw: Mapping) -> Path:
         config = self.root / f"{name}.toml"
@@ -51,6 +52,7 @@ class Campaigns:
             timeout=timeout_s,
             env={**os.environ, **(env or {})},
         )
+        self.last = proc
         assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]
         return run_dir
 

@@ -25,7 +25,8 @@ PACKAGE_DIRS = {
 
 LAYERS: list[set[str]] = [
     {"fedtune", "fedtune.files", "fedtune.identity", "fedtune.console"},
-    {"fedtune.config", "fedtune.rundir"},
+    {"fedtune.config"},
+    {"fedtune.rundir"},
     {"fedtune.ml"},
     {"fedtune.privacy", "fedtune.secagg", "fedtune.wire", "fedtune.deploy"},
     {"fedtune.credit", "fedtune.preflight", "fedtune.clients", "fedtune.strategies"},

@@ -1,0 +1,114 @@
+"""End to end: Ctrl-C on a running ``fedtune simulate`` (sent to its process group, as a terminal does) and
+``--resume`` to the end; ``--resume`` of a damaged run dir; a campaign whose every contributor fails."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedtune.rundir import RunDir
+
+from ..conftest import small_campaign
+from .conftest import Campaigns
+
+FLOWER_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate", "Traceback")
+
+
+def wait_for_rounds(run_dir: RunDir, proc: subprocess.Popen[bytes], rounds: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(run_dir.read_metrics()) < rounds:
+        assert proc.poll() is None, f"simulate ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.5)
+
+
+def group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_ctrl_c_stops_the_run_and_resume_finishes_it(campaigns: Campaigns) -> None:
+    config = campaigns.write("interrupted", small_campaign(federation={"rounds": 4}))
+    run = RunDir(campaigns.root / "interrupted")
+    err_file = campaigns.root / "interrupted.err"
+    with err_file.open("wb") as err, open(os.devnull, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run.root)],
+            stdout=out,
+            stderr=err,
+            start_new_session=True,  # its own process group, like a terminal's foreground job
+        )
+        try:
+            wait_for_rounds(run, proc, 2)  # round 0 and round 1 recorded, Ray busy with round 2
+            sent = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=60)
+            stopped_s = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130
+    assert stopped_s < 15, f"Ctrl-C took {stopped_s:.1f} s"
+    assert group_gone(proc.pid, 10), "Ray processes outlived fedtune simulate"
+    last = err_file.read_text().strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "--resume" in last and str(run.root) in last, last
+    completed = run.metrics.read_bytes().splitlines(keepends=True)
+    assert len(completed) >= 2
+
+    argv = shlex.split(last.split("carry on with: ", 1)[1])
+    assert argv[:2] == ["fedtune", "simulate"] and "--resume" in argv
+    campaigns.simulate("interrupted", None, *argv[3:], config=Path(argv[2]))
+    rows = run.read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert run.metrics.read_bytes().splitlines(keepends=True)[: len(completed)] == completed
+    proc_out = campaigns.last
+    assert proc_out is not None
+    assert not any(noise in proc_out.stderr for noise in FLOWER_NOISE), proc_out.stderr[-3000:]
+    assert "perplexity" in proc_out.stdout and "…" not in proc_out.stdout  # table not cut at 80 columns
+
+
+def test_resume_of_a_damaged_run_dir(plain_run: Path, campaigns: Campaigns) -> None:
+    """Half-written metrics line and a corrupt checkpoint of round 2: resume from round 1, keep rounds 0-1."""
+    run = RunDir(campaigns.root / "damaged")
+    shutil.copytree(plain_run, run.root)
+    intact = run.metrics.read_bytes().splitlines(keepends=True)[:2]
+    with run.metrics.open("ab") as fh:
+        fh.write(b'{"round": 3, "eval_l')
+    state = run.server_state(2)
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    campaigns.simulate("damaged", None, "--resume", config=run.config, run_dir=run.root)
+    err = campaigns.last.stderr if campaigns.last else ""
+    assert "resume: checkpoint of round 2 does not load: moved to" in err
+    assert "resume: metrics.jsonl after round 1" in err
+    assert [r["round"] for r in run.read_metrics()] == [0, 1, 2]
+    assert run.metrics.read_bytes().splitlines(keepends=True)[:2] == intact
+    assert len(list(run.root.glob("metrics.jsonl.damaged-*"))) == 1
+    assert len(list((run.root / "checkpoints").glob("round-2.damaged-*"))) == 1
+    assert run.load_server_state(2) is not None
+
+
+def test_campaign_stops_when_every_contributor_fails_the_same_way(campaigns: Campaigns) -> None:
+    """It used to print Ray tracebacks and exit 0 with "down 0.0%"."""
+    injector = Path(__file__).with_name("failing_contributors")
+    path = os.pathsep.join(p for p in (str(injector), os.environ.get("PYTHONPATH", "")) if p)
+    run_dir = campaigns.simulate("hopeless", small_campaign(), env={"PYTHONPATH": path}, expect_rc=1)
+    err = campaigns.last.stderr if campaigns.last else ""
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    assert "round 1: every contributor (3) failed the same way" in errors[0] and "cannot reach ε=0.001" in errors[0]
+    assert "--resume" in errors[0]
+    assert "Traceback" not in err and "down 0.0%" not in campaigns.last.stdout
+    assert not [line for line in err.splitlines() if line.lstrip().startswith('File "')], err[-3000:]
+    assert [r["round"] for r in RunDir(run_dir).read_metrics()] == [0]  # the failed round is not recorded
