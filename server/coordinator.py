@@ -472,13 +472,17 @@ def _run(co: Coordinator, cfg: CampaignConfig, stop: threading.Event, status_eve
     run_id = co.submit(resolved)
     print(f"campaign submitted as Flower run {run_id}; waiting for contributors", file=out, flush=True)
     printed: set[int] = set()
-    next_status = time.monotonic() + status_every_s
-    status: str | None = None
-    while not stop.is_set():
+
+    def print_new_rounds() -> None:
         for row in co.layout.read_metrics():
             if row["round"] not in printed:
                 printed.add(row["round"])
                 print(campaign_round_line(row), file=out, flush=True)
+
+    next_status = time.monotonic() + status_every_s
+    status: str | None = None
+    while not stop.is_set():
+        print_new_rounds()
         if rounds in printed:
             break
         co.check_alive()
@@ -498,6 +502,7 @@ def _run(co: Coordinator, cfg: CampaignConfig, stop: threading.Event, status_eve
             break
         time.sleep(2)
         status = co.run_status()
+    print_new_rounds()  # the last round may land between a read and the run's end
     if rounds not in printed:
         print(
             f"error: run {run_id} ended ({status}) after round {max(printed, default=0)} of {rounds}; "

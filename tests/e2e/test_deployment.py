@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import tomli_w
 
-from fedtune.deploy.keys import approve, ensure_keys
-from fedtune.deploy.tls import ensure_tls
+from fedtune.deploy.home import approve, ensure_home
+from fedtune.deploy.keys import ensure_keys
 
 from ..bundles import pyproject_text
 from ..conftest import small_campaign
@@ -123,8 +123,13 @@ class Federation:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def home(self) -> Path:
+        """The coordinator home (CA, approved contributors), shared by every campaign of this coordinator."""
+        return self.root / "coordinator-home"
+
+    @property
     def ca(self) -> Path:
-        return self.run_dir / "tls" / "ca.pem"
+        return self.home / "tls" / "ca.pem"
 
     def spawn(self, args: list[str], log: Path, flwr_home: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as fh:
@@ -142,7 +147,16 @@ class Federation:
     def start_coordinator(self) -> None:
         self.coordinator_log = self.root / "coordinator.log"
         self.coordinator = self.spawn(
-            ["coordinate", str(self.campaign), "--run-dir", str(self.run_dir), "--address", self.address],
+            [
+                "coordinate",
+                str(self.campaign),
+                "--run-dir",
+                str(self.run_dir),
+                "--address",
+                self.address,
+                "--home",
+                str(self.home),
+            ],
             self.coordinator_log,
             self.root / "flwr-coord",
         )
@@ -152,7 +166,7 @@ class Federation:
         state = self.root / name
         keys = ensure_keys(state, name)
         if enrol:
-            approve(keys.auth_public, self.run_dir, name)
+            approve(keys.auth_public, self.home, name)
         return Contributor(name, state, self.root / f"{name}.log")
 
     def join(self, c: Contributor, partition: int, partitions: int, *extra: str) -> Contributor:
@@ -216,7 +230,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         )
     )
     fed = Federation(root, free_port(), root / "run", campaign)
-    ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
+    ensure_home(fed.home, ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
     contributors = [fed.contributor(f"c{i}") for i in range(3)]
     try:
         fed.start_coordinator()
@@ -292,7 +306,7 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
         )
     )
     fed = Federation(tmp_path, free_port(), tmp_path / "run", campaign)
-    ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])
+    ensure_home(fed.home, ["127.0.0.1"])
     try:
         fed.contributors = [fed.join(fed.contributor(f"s{i}"), i, 3) for i in range(3)]
         fed.start_coordinator()
