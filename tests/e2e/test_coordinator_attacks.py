@@ -9,11 +9,12 @@ copy of the public ``ca.pem``, and dials the public address, as anyone on the in
   contributor through the Control API;
 - it submits a code-free bundle whose run config names its own campaign file (learning rate 5.0).
 
-Every one fails, and the real campaign completes with both contributors in every round, the contributors
-having trained for nobody else. A local attacker on the coordinator host (who can reach the SuperLink's
-loopback port) gets no further: ``acquire-task`` needs the SuperExec secret, and a run it submits is refused
-by the ServerApp before any run dir is created. A last test stops ``coordinate`` with SIGINT and kills it
-with SIGKILL and checks that no Flower process outlives it.
+The attacks run while the coordinator's ServerApp is up and waiting for its (approved, registered) contributors;
+then the contributors join. Every attack fails, and the real campaign completes with both contributors in every
+round, the contributors having trained for nobody else. A local attacker on the coordinator host (who can
+reach the SuperLink's loopback port) gets no further: ``acquire-task`` needs the SuperExec secret, and a run it
+submits is refused by the ServerApp before any run dir is created. A last test stops ``coordinate`` with SIGINT
+and kills it with SIGKILL and checks that no Flower process outlives it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from fedtune.deploy.home import ensure_home
 from fedtune.deploy.keys import ensure_keys
 
 from ..conftest import small_campaign
-from .test_deployment import ROUND_TIMEOUT_S, Federation, free_port, stop_group, wait_for
+from .test_deployment import ROUND_TIMEOUT_S, Federation, deployed_campaign, free_port, stop_group, wait_for
 
 ROUNDS = 2
 EVIL = "evil-campaign"
@@ -137,6 +138,10 @@ class Attacked:
 
         return int(wait_for(submitted, 240, "the coordinator to submit its campaign"))
 
+    def run_status(self, run_id: int) -> str:
+        res = self.coordinator_flwr("ls", "fedtune", "--run-id", str(run_id), "--format", "json")
+        return str(json.loads(res.stdout)["runs"][0]["status"])
+
     def nodes(self) -> list[dict[str, Any]]:
         res = self.coordinator_flwr("supernode", "ls", "fedtune", "--format", "json")
         return list(json.loads(res.stdout)["nodes"])
@@ -152,34 +157,24 @@ def _failed(res: subprocess.CompletedProcess[str]) -> bool:
         return True
 
 
+def _refused(res: subprocess.CompletedProcess[str]) -> bool:
+    """Failed because the public port answered 404 (not because the coordinator was unreachable)."""
+    return _failed(res) and "404 Not Found" in res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
     root = tmp_path_factory.mktemp("attacked")
-    campaign = root / "campaign.toml"
-    campaign.write_text(
-        tomli_w.dumps(
-            small_campaign(
-                campaign={"name": "attacked", "seed": 0, "run_dir": str(root / "run")},
-                federation={
-                    "rounds": ROUNDS,
-                    "contributors_per_round": 2,
-                    "min_cohort": 2,
-                    "local_steps": 2,
-                    "round_timeout_s": ROUND_TIMEOUT_S,
-                },
-            )
-        )
-    )
+    campaign = deployed_campaign(root, "attacked", ROUNDS, cohort=2, min_cohort=2, federation={"local_steps": 2})
     fed = Federation(root, free_port(), root / "run", campaign)
     ensure_home(fed.home, ["127.0.0.1"])
     outsider = Outsider(root / "outsider", fed.address)
     outsider.setup(fed.ca)
-    contributors = [fed.contributor(f"c{i}") for i in range(2)]
+    fed.contributors = [fed.contributor(f"c{i}") for i in range(2)]  # approved; they join after the attacks
     poller = threading.Thread(target=outsider.poll_acquire_task, args=(ROUNDS * ROUND_TIMEOUT_S,), daemon=True)
     poller.start()
     try:
         fed.start_coordinator()
-        fed.contributors = [fed.join(c, i, 2) for i, c in enumerate(contributors)]
         yield Attacked(fed, outsider, poller)
     finally:
         outsider.stop_polling.set()
@@ -187,45 +182,60 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
         fed.close()
 
 
+def test_outsider_cannot_take_the_serverapp_task(attacked: Attacked) -> None:
+    """Polling ``acquire-task`` since before the coordinator started: never an answer, let alone the task."""
+    outsider = attacked.outsider
+    run_id = attacked.run_id()
+    wait_for(
+        lambda: outsider.acquired or attacked.run_status(run_id) == "running",
+        240,
+        "the coordinator's ServerApp to be running (or taken)",
+        interval_s=2,
+    )
+    assert outsider.acquire_statuses, "the poller never ran"
+    assert not outsider.acquired, f"the outsider took the ServerApp task of {outsider.acquired}"
+    assert "200" not in outsider.acquire_statuses, sorted(set(outsider.acquire_statuses))
+    assert set(outsider.acquire_statuses) <= {"404", "no answer"}, sorted(set(outsider.acquire_statuses))
+
+
 def test_outsider_cannot_list_runs_or_read_logs(attacked: Attacked) -> None:
     run_id = attacked.run_id()
     listed = attacked.outsider.flwr("ls", "evil", "--format", "json")
-    assert _failed(listed), listed.stdout
+    assert _refused(listed), listed.stdout
     assert str(run_id) not in listed.stdout + listed.stderr
     logs = attacked.outsider.flwr("log", str(run_id), "evil", "--show")
+    assert _refused(logs), logs.stdout
     assert str(attacked.fed.run_dir) not in logs.stdout + logs.stderr
     assert "Starting Flower ServerApp" not in logs.stdout and "round" not in logs.stdout.lower()
 
 
-def test_outsider_cannot_register_or_unregister_nodes(attacked: Attacked) -> None:
-    fed = attacked.fed
+def test_outsider_cannot_register_its_own_node(attacked: Attacked) -> None:
     wait_for(lambda: len(attacked.nodes()) >= 2, 120, "the two approved contributors to be registered")
     before = {n["node-id"] for n in attacked.nodes()}
     mallory = ensure_keys(attacked.outsider.root / "mallory", "mallory")
     registered = attacked.outsider.flwr("supernode", "register", str(mallory.auth_public), "evil", "--name", "mallory")
-    assert _failed(registered), registered.stdout
+    assert _refused(registered), registered.stdout
+    assert {n["node-id"] for n in attacked.nodes()} == before  # mallory's key is not enrolled
+
+
+def test_outsider_cannot_unregister_a_contributor(attacked: Attacked) -> None:
+    wait_for(lambda: len(attacked.nodes()) >= 2, 120, "the two approved contributors to be registered")
+    before = {n["node-id"] for n in attacked.nodes()}
     victim = sorted(before)[0]
     kicked = attacked.outsider.flwr("supernode", "unregister", victim, "evil")
-    assert _failed(kicked), kicked.stdout
+    assert _refused(kicked), kicked.stdout
     after = {n["node-id"]: n["status"] for n in attacked.nodes()}
-    assert set(after) == before, (before, after)  # mallory not enrolled, nobody removed
-    assert all(status != "deleted" for status in after.values()), after
-    assert fed.coordinator is not None and fed.coordinator.poll() is None
-
-
-def test_outsider_cannot_stop_the_campaign(attacked: Attacked) -> None:
-    run_id = attacked.run_id()
-    stopped = attacked.outsider.flwr("stop", str(run_id), "evil")
-    assert _failed(stopped), stopped.stdout
-    status = attacked.coordinator_flwr("ls", "fedtune", "--run-id", str(run_id), "--format", "json")
-    assert "stopped" not in json.loads(status.stdout)["runs"][0]["status"], status.stdout
+    assert victim in after and after[victim] not in ("unregistered", "deleted"), after
 
 
 def test_outsider_cannot_run_its_own_campaign(attacked: Attacked) -> None:
     """A code-free bundle (it passes every bundle guard) whose run config names the outsider's campaign file."""
     outsider = attacked.outsider
-    res = outsider.flwr("run", str(outsider.root / "app"), "evil", "--run-config", outsider.evil_run_config())
-    assert _failed(res) or "run-id" not in res.stdout, res.stdout
+    attacked.run_id()  # the coordinator is up
+    res = outsider.flwr(
+        "run", str(outsider.root / "app"), "evil", "--run-config", outsider.evil_run_config(), "--format", "json"
+    )
+    assert _refused(res), res.stdout
     time.sleep(20)  # what the coordinator would need to pick the run up and create its run dir
     assert not (outsider.root / "evil-run").exists()
 
@@ -267,15 +277,24 @@ def test_local_attacker_without_the_coordinator_secrets_gets_nothing(attacked: A
     assert not (outsider.root / "evil-run").exists()
 
 
-def test_outsider_never_took_the_serverapp_task_and_the_campaign_completed(attacked: Attacked) -> None:
+def test_outsider_cannot_stop_the_campaign(attacked: Attacked) -> None:
+    run_id = attacked.run_id()
+    stopped = attacked.outsider.flwr("stop", str(run_id), "evil")
+    assert _refused(stopped), stopped.stdout
+    status = attacked.coordinator_flwr("ls", "fedtune", "--run-id", str(run_id), "--format", "json")
+    assert "stopped" not in json.loads(status.stdout)["runs"][0]["status"], status.stdout
+
+
+def test_the_real_campaign_completes_unharmed(attacked: Attacked) -> None:
+    """The contributors join once every attack was tried (the ServerApp has been waiting for them meanwhile)."""
     fed, outsider = attacked.fed, attacked.outsider
+    for i, c in enumerate(fed.contributors):
+        fed.join(c, i, 2)
     row = wait_for(lambda: fed.row(ROUNDS), ROUNDS * ROUND_TIMEOUT_S, f"round {ROUNDS} in metrics.jsonl")
     assert row is not None
     outsider.stop_polling.set()
     attacked.poller.join(30)
-    assert outsider.acquire_statuses, "the poller never ran"
-    assert not outsider.acquired, outsider.acquired
-    assert "200" not in outsider.acquire_statuses, sorted(set(outsider.acquire_statuses))
+    assert not outsider.acquired and "200" not in outsider.acquire_statuses  # polled until the end
     assert fed.coordinator is not None
     assert fed.coordinator.wait(180) == 0, fed.coordinator_log.read_text() if fed.coordinator_log else ""
     rows = fed.metrics()

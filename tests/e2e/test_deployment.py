@@ -210,25 +210,30 @@ class Federation:
             stop_group(proc)
 
 
+def deployed_campaign(root: Path, name: str, rounds: int, cohort: int, min_cohort: int, **sections: dict) -> Path:
+    """``ROOT/campaign.toml``: a small campaign named ``name`` whose run dir is ``ROOT/run``."""
+    campaign = root / "campaign.toml"
+    federation = {
+        "rounds": rounds,
+        "contributors_per_round": cohort,
+        "min_cohort": min_cohort,
+        "local_steps": 3,
+        "round_timeout_s": ROUND_TIMEOUT_S,
+    }
+    raw = small_campaign(
+        campaign={"name": name, "seed": 0, "run_dir": str(root / "run")},
+        federation={**federation, **sections.pop("federation", {})},
+        **sections,
+    )
+    campaign.write_text(tomli_w.dumps(raw))
+    return campaign
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """Coordinator + three enrolled contributors running a 2-round campaign (min_cohort 2)."""
     root = tmp_path_factory.mktemp("deploy")
-    campaign = root / "campaign.toml"
-    campaign.write_text(
-        tomli_w.dumps(
-            small_campaign(
-                campaign={"name": "deploy-test", "seed": 0, "run_dir": str(root / "run")},
-                federation={
-                    "rounds": 2,
-                    "contributors_per_round": 3,
-                    "min_cohort": 2,
-                    "local_steps": 3,
-                    "round_timeout_s": ROUND_TIMEOUT_S,
-                },
-            )
-        )
-    )
+    campaign = deployed_campaign(root, "deploy-test", rounds=2, cohort=3, min_cohort=2)
     fed = Federation(root, free_port(), root / "run", campaign)
     ensure_home(fed.home, ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
     contributors = [fed.contributor(f"c{i}") for i in range(3)]
@@ -287,23 +292,15 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
     started again on the same run dir: round 3 completes and no round is credited twice."""
     from fedtune.credit.ledger import Ledger, default_url
 
-    campaign = tmp_path / "campaign.toml"
-    campaign.write_text(
-        tomli_w.dumps(
-            small_campaign(
-                campaign={"name": "deploy-secure", "seed": 0, "run_dir": str(tmp_path / "run")},
-                federation={
-                    "rounds": 3,
-                    "contributors_per_round": 3,
-                    "min_cohort": 3,
-                    "local_steps": 3,
-                    "round_timeout_s": ROUND_TIMEOUT_S,
-                },
-                # room for one round more than planned: training done for a round the crash cut short stays spent
-                privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
-                secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0},
-            )
-        )
+    campaign = deployed_campaign(
+        tmp_path,
+        "deploy-secure",
+        rounds=3,
+        cohort=3,
+        min_cohort=3,
+        # room for one round more than planned: training done for a round the crash cut short stays spent
+        privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
+        secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0},
     )
     fed = Federation(tmp_path, free_port(), tmp_path / "run", campaign)
     ensure_home(fed.home, ["127.0.0.1"])
