@@ -221,4 +221,3 @@ def _timed_loop(a: Any, b: Any, seconds: float, cuda: bool) -> tuple[int, float]
         last.synchronize()
         return iters, first.elapsed_time(last) / 1000.0
     return iters, time.perf_counter() - start
-
