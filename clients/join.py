@@ -142,7 +142,7 @@ def _pump(stream: io.BufferedReader, log_path: Path, echo: bool, seen: list[str]
 
 def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
     """Run the join agent until Ctrl-C or a fatal SuperNode error; the return value is the exit status."""
-    from .hardware import benchmark_flops, probe
+    from .hardware import benchmark, probe
 
     opts.state_dir = opts.state_dir.expanduser().resolve()
     opts.state_dir.mkdir(parents=True, exist_ok=True)
@@ -161,16 +161,17 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
     if opts.gpu is not None and not hw.device.startswith("cuda"):
         print(f"warning: GPU {opts.gpu} is not visible to torch; contributing on the CPU", file=sys.stderr)
     print(f"hardware: {hw.summary()}", file=out)
-    peak = benchmark_flops(hw.device, opts.benchmark_s)
-    print(f"benchmark: {peak / 1e12:.3f} TFLOP/s (matmul, declared peak)", file=out)
-    atomic_write_text(opts.state_dir / "hardware.json", json.dumps({**hw.as_dict(), "peak_flops": peak}, indent=2))
+    bench = benchmark(hw.device, opts.benchmark_s)
+    peak = bench.declared
+    print(f"benchmark: {bench.summary()}", file=out)
+    hardware = {**hw.as_dict(), "peak_flops": peak, "benchmark": bench.as_dict()}
+    atomic_write_text(opts.state_dir / "hardware.json", json.dumps(hardware, indent=2))
 
     keys = ensure_keys(opts.state_dir, opts.name)
     print(f"contributor id: {keys.contributor_id}", file=out)
     print(f"public key ({keys.auth_public}):\n  {keys.public_line}", file=out)
     print(
-        "the coordinator approves it with:\n"
-        f"  fedtune approve {keys.auth_public.name} --run-dir RUN_DIR --name {opts.name or 'NAME'}",
+        f"the coordinator approves it with:\n  fedtune approve {keys.auth_public.name} --name {opts.name or 'NAME'}",
         file=out,
     )
 

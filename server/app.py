@@ -3,16 +3,22 @@
 ``fedtune simulate`` builds one with :func:`make_server_app` around an already validated config and
 run directory; ``fedtune coordinate`` (and ``flwr run``) uses the module-level ``app``, which reads the
 campaign file named by the run config key ``campaign`` and, when given, resumes the run dir ``run-dir``.
+
+Threat: on a coordinator, whoever can submit a run choosing the campaign. There the process holds the
+session's run key (``FEDTUNE_RUN_KEY``, :mod:`fedtune.deploy.runkey`) and the run config must carry its token:
+anything else is refused before the campaign is read, a run dir is created or a message is sent.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import CampaignConfig, load_config
+from fedtune.deploy.runkey import RUN_KEY_ENV, verify_run_config
 from fedtune.rundir import RunDir, fresh_run_dir
 
 from .campaign import CampaignServer, Reporter
@@ -33,6 +39,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    key = os.environ.get(RUN_KEY_ENV)
+    if key is not None:  # on a coordinator: only the run `fedtune coordinate` signed
+        verify_run_config(key, context.run_config)
     cfg = load_config(Path(str(context.run_config["campaign"])))
     requested = str(context.run_config.get("run-dir", ""))
     if requested:  # fedtune coordinate: the run dir is fixed, and an existing one is resumed

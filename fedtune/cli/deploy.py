@@ -9,13 +9,20 @@ import argparse
 import sys
 from pathlib import Path
 
+HOME_HELP = "(default $FEDTUNE_COORDINATOR_HOME, else ~/.fedtune/coordinator)"
+
 
 def cmd_coordinate(args: argparse.Namespace) -> int:
-    from fedtune.config import load_config
     from fedtune.server.coordinator import coordinate
 
-    run_dir = Path(args.run_dir) if args.run_dir else Path(load_config(args.config).campaign.run_dir)
-    return coordinate(Path(args.config), run_dir, args.address, insecure=args.insecure, bind=args.bind)
+    return coordinate(
+        Path(args.config),
+        Path(args.run_dir) if args.run_dir else None,
+        args.address,
+        insecure=args.insecure,
+        bind=args.bind,
+        home=Path(args.home) if args.home else None,
+    )
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -42,16 +49,16 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from fedtune.deploy.keys import approve
+    from fedtune.deploy.home import approve, home_path
 
     try:
-        entry = approve(Path(args.keyfile), Path(args.run_dir), args.name)
+        entry = approve(Path(args.keyfile), args.home, args.name)
     except (OSError, ValueError) as exc:
-        print(f"error: {args.keyfile}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"approved {entry.name} in {Path(args.run_dir) / 'contributors.allow'} "
-        f"(a running coordinator registers it within seconds)"
+        f"approved {entry.name} in {home_path(args.home) / 'contributors.allow'} "
+        f"(a running coordinator registers it within seconds; every campaign of this coordinator accepts it)"
     )
     return 0
 
@@ -59,7 +66,12 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from fedtune.deploy.doctor import run_doctor
 
-    return run_doctor(coordinator=args.coordinator, gpu=args.gpu)
+    if args.root_cert and not args.coordinator:
+        print("error: --root-cert needs --coordinator HOST:PORT (whose certificate it checks)", file=sys.stderr)
+        return 2
+    return run_doctor(
+        coordinator=args.coordinator, gpu=args.gpu, root_cert=Path(args.root_cert) if args.root_cert else None
+    )
 
 
 def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
@@ -71,8 +83,12 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1:9092",
         help="HOST:PORT contributors dial (the TLS certificate covers HOST; default 127.0.0.1:9092)",
     )
-    co.add_argument("--bind", help="interface to listen on (default: HOST if loopback, else 0.0.0.0)")
+    co.add_argument("--bind", help="interface the public port listens on (default: HOST if loopback, else 0.0.0.0)")
     co.add_argument("--run-dir", help="run dir (default: [campaign] run_dir); an existing one is resumed")
+    co.add_argument(
+        "--home",
+        help=f"coordinator home: CA, server certificate, approved contributors {HOME_HELP}",
+    )
     co.add_argument("--insecure", action="store_true", help="no TLS and no contributor authentication (testing only)")
     co.set_defaults(func=cmd_coordinate)
 
@@ -93,7 +109,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     jo.add_argument("--port", type=int, default=9094, help="local port of the SuperNode (one per node on a host)")
     jo.add_argument("--partition-id", type=int, default=0, help=argparse.SUPPRESS)
     jo.add_argument("--num-partitions", type=int, default=1, help=argparse.SUPPRESS)
-    jo.add_argument("--benchmark-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+    jo.add_argument("--benchmark-seconds", type=float, default=2.5, help=argparse.SUPPRESS)
     jo.add_argument(
         "--enrol-wait",
         type=float,
@@ -103,13 +119,14 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     jo.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
     jo.set_defaults(func=cmd_join)
 
-    ap = sub.add_parser("approve", help="allow a contributor's public key to join a coordinated campaign")
+    ap = sub.add_parser("approve", help="allow a contributor's public key to join this coordinator's campaigns")
     ap.add_argument("keyfile", help="the contributor's supernode.pub")
-    ap.add_argument("--run-dir", required=True, help="the coordinator's run dir")
+    ap.add_argument("--home", help=f"coordinator home {HOME_HELP}")
     ap.add_argument("--name", help="display name (default: the key's comment)")
     ap.set_defaults(func=cmd_approve)
 
     do = sub.add_parser("doctor", help="check this installation, torch/CUDA and the coordinator's reachability")
-    do.add_argument("--coordinator", help="HOST:PORT to test a TCP connection to")
+    do.add_argument("--coordinator", help="HOST:PORT of a coordinator: TLS handshake, certificate, exposed APIs")
+    do.add_argument("--root-cert", help="the coordinator's CA certificate (ca.pem) to verify its certificate against")
     do.add_argument("--gpu", type=int, help="CUDA device index that join would use")
     do.set_defaults(func=cmd_doctor)

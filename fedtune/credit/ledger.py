@@ -1,9 +1,13 @@
 """The compute-credit ledger: who contributed what, per round, durably and exactly once.
 
 Why a database: credit is the community's visible reward, so it must survive coordinator crashes and
-restarts, and replaying a round after a crash must never credit twice. Each (campaign, round, contributor)
-has at most one row (a unique constraint); rows are written with ``INSERT ... ON CONFLICT DO NOTHING`` on
-SQLite and PostgreSQL (check-then-insert in the same transaction elsewhere), one transaction per round.
+restarts, and replaying a round after a crash must never credit twice, whatever the cohort of the replay.
+A round is recorded once: the transaction that claims its ``recorded_rounds`` row (``INSERT ... ON CONFLICT
+DO NOTHING`` on SQLite and PostgreSQL, a savepoint that meets the primary key elsewhere) writes all its
+credit rows; any later call for that round, with the same or another cohort, writes nothing. Each
+(campaign, round, contributor) also has at most one row (a unique constraint). Threat: a caller that replays a
+round (a restarted coordinator, a stale Flower run still going) must not be able to get a second set of
+contributors credited, so the rule lives here, not in the round pipeline.
 
 Storage is SQLAlchemy 2.x: by default an embedded SQLite file ``RUN_DIR/ledger.sqlite``, or any SQLAlchemy
 URL (``postgresql+psycopg://user:pw@host/db``). The schema is managed by Alembic; the migrations ship inside
@@ -132,6 +136,16 @@ class RoundCreditRow(Base):
     declared_peak_flops: Mapped[float | None] = mapped_column(sa.Double)
     flagged: Mapped[bool] = mapped_column(sa.Boolean)
     flag_reason: Mapped[str | None] = mapped_column(sa.Text)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RecordedRoundRow(Base):
+    """A round whose outcomes are in the ledger: its claim row, written in the same transaction as its credits."""
+
+    __tablename__ = "recorded_rounds"
+
+    campaign: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    round: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
@@ -342,30 +356,27 @@ ON_CONFLICT_INSERTS: dict[str, Callable[[sa.Table], sqlite.Insert | postgresql.I
     "sqlite": sqlite.insert,
     "postgresql": postgresql.insert,
 }
-"""Dialects with ``INSERT ... ON CONFLICT DO NOTHING``; others check, then insert, in one transaction."""
+"""Dialects with ``INSERT ... ON CONFLICT DO NOTHING``; others insert in a savepoint and catch the conflict."""
 
 
-def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert round rows, skipping any (campaign, round, contributor) already there; return ids written."""
-    key = ["campaign", "round", "contributor_id"]
-    table = Base.metadata.tables[RoundCreditRow.__tablename__]  # Core insert: ORM bulk path costs more
+def _claim_round(session: Session, campaign: str, round: int, recorded_at: datetime) -> bool:
+    """Insert the round's ``recorded_rounds`` row; False if the round is recorded already (nothing written).
+
+    Two writers racing on one round both try the insert: the database's primary key lets exactly one win
+    (the other waits for its commit, then sees the conflict).
+    """
+    table = Base.metadata.tables[RecordedRoundRow.__tablename__]
+    row = {"campaign": campaign, "round": round, "recorded_at": recorded_at}
     insert = ON_CONFLICT_INSERTS.get(session.get_bind().dialect.name)
     if insert is not None:
-        stmt = insert(table).on_conflict_do_nothing(index_elements=key)
-        result = session.execute(stmt.returning(table.c.contributor_id), rows)
-        return set(result.scalars())
-    campaign, round_ = rows[0]["campaign"], rows[0]["round"]
-    existing = set(
-        session.scalars(
-            sa.select(RoundCreditRow.contributor_id).where(
-                RoundCreditRow.campaign == campaign, RoundCreditRow.round == round_
-            )
-        )
-    )
-    fresh = [row for row in rows if row["contributor_id"] not in existing]
-    if fresh:
-        session.execute(sa.insert(table), fresh)
-    return {row["contributor_id"] for row in fresh}
+        stmt = insert(table).values(**row).on_conflict_do_nothing(index_elements=["campaign", "round"])
+        return session.execute(stmt.returning(table.c.round)).first() is not None
+    try:
+        with session.begin_nested():
+            session.execute(sa.insert(table).values(**row))
+    except sa.exc.IntegrityError:
+        return False
+    return True
 
 
 class Ledger:
@@ -483,8 +494,8 @@ class Ledger:
         Parameters
         ----------
         campaign, round : str, int
-            Which round. Replaying it (after a coordinator crash) writes nothing for contributors already
-            recorded; their rows are never changed.
+            Which round. A round is recorded once: replaying it (after a coordinator crash, or from a second
+            run) writes nothing at all, even when the replay's cohort differs; recorded rows never change.
         entries : sequence of RoundEntry
             Every cohort member and its outcome. Only ``included`` ones earn credit; every entry that
             reports a wall time has it checked against its declared peak (a dropped contributor can lie too).
@@ -497,7 +508,7 @@ class Ledger:
         Returns
         -------
         list of RoundCredit
-            The rows this call wrote, in entry order (empty on a full replay).
+            The rows this call wrote, in entry order (empty when the round was recorded already).
         """
         _check_round(campaign, round, entries, flops_per_token)
         if not entries:
@@ -516,12 +527,15 @@ class Ledger:
                 _credit_row(campaign, round, entry, flops_per_token, peaks[entry.contributor_id], recorded_at)
                 for entry in entries
             ]
-            written = _insert_ignoring_duplicates(session, [vars(credit).copy() for credit in credits])
-        return [credit for credit in credits if credit.contributor_id in written]
+            if not _claim_round(session, campaign, round, recorded_at):
+                return []
+            table = Base.metadata.tables[RoundCreditRow.__tablename__]  # Core insert: ORM bulk path costs more
+            session.execute(sa.insert(table), [vars(credit).copy() for credit in credits])
+        return credits
 
     def round_recorded(self, campaign: str, round: int) -> bool:
-        """Whether any outcome of this round is in the ledger (the coordinator checks before replaying)."""
-        stmt = sa.select(sa.exists().where(RoundCreditRow.campaign == campaign, RoundCreditRow.round == round))
+        """Whether this round is in the ledger (then :meth:`record_round` writes nothing more for it)."""
+        stmt = sa.select(sa.exists().where(RecordedRoundRow.campaign == campaign, RecordedRoundRow.round == round))
         with self._sessions() as session:
             return bool(session.scalar(stmt))
 

@@ -120,7 +120,14 @@ def guarded_clientapp() -> None:
 
 
 def guarded_serverapp() -> None:
-    """Entry point of the coordinator's ``flwr-serverapp`` shim: run only the installed ServerApp."""
+    """Entry point of the coordinator's ``flwr-serverapp`` shim: run only the installed ServerApp, and only
+    with the coordinator session's run key in the environment (the ServerApp then runs only the signed run)."""
+    import os
+
+    from fedtune.deploy.runkey import RUN_KEY_ENV
+
+    if not os.environ.get(RUN_KEY_ENV):
+        sys.exit(f"fedtune: no {RUN_KEY_ENV} in the environment; the coordinator's ServerApp refuses to run")
     from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
 
     # the package re-exports a function of the same name: take the module itself

@@ -3,6 +3,12 @@
 Contributors are community members on home PCs; a failed join should end with a line that says what to
 do, not a traceback. Each check prints ``ok`` or ``FAIL`` plus a ``fix:`` line; the exit status is 1 if
 any check failed.
+
+``--coordinator ADDR [--root-cert CA]`` does what ``join`` will do: the TCP connection, the TLS handshake
+verified against the CA and the address's host name (reporting the certificate's subject, subjectAltName and
+issuer either way), then probes that the Control and Runtime APIs do not answer there (only the Fleet API may
+face the network). Pitfall: the certificate is fetched without verification only to describe it; nothing
+from that unverified connection is trusted.
 """
 
 from __future__ import annotations
@@ -143,24 +149,133 @@ def check_torch(gpu: int | None) -> list[Check]:
     return out
 
 
-def check_coordinator(address: str, timeout_s: float = 5.0) -> Check:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return Check("coordinator", False, f"{address!r} is not HOST:PORT", "pass --coordinator HOST:PORT")
+PROBED_APIS = ("/v1/control/list-runs", "/v1/runtime/acquire-task")
+"""Endpoints that must not answer on a coordinator's public port (only the Fleet API may)."""
+
+
+def _describe_cert(der: bytes) -> tuple[str, list[str], str]:
+    """(subject, subjectAltName entries, issuer) of a DER certificate."""
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return Check(f"coordinator {address}", True, "TCP connection accepted")
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(v) for v in san.get_values_for_type(x509.IPAddress)] + list(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = []
+    return cert.subject.rfc4514_string(), names, cert.issuer.rfc4514_string()
+
+
+def _exposed_apis(host: str, port: int, timeout_s: float) -> list[str]:
+    """Which of :data:`PROBED_APIS` answer with anything but 404 (TLS, identity not checked: a probe only)."""
+    import http.client
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    exposed = []
+    for path in PROBED_APIS:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=ctx)
+        try:
+            conn.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            continue
+        finally:
+            conn.close()
+        if status != 404:
+            exposed.append(f"{path} ({status})")
+    return exposed
+
+
+def check_coordinator(address: str, root_cert: Path | None = None, timeout_s: float = 5.0) -> list[Check]:
+    """Reach ``address``, do the TLS handshake (against ``root_cert`` if given) and report what answered."""
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return [Check("coordinator", False, f"{address!r} is not HOST:PORT", "pass --coordinator HOST:PORT")]
+    name = f"coordinator {address}"
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout_s)
     except OSError as exc:
-        return Check(
-            f"coordinator {address}",
-            False,
-            str(exc),
-            "check the address with the coordinator, that `fedtune coordinate` is running, and that "
-            "the port is open in their firewall (and not blocked by yours)",
+        what = "nothing listening (connection refused)" if isinstance(exc, ConnectionRefusedError) else str(exc)
+        return [
+            Check(
+                name,
+                False,
+                what,
+                "check the address with the coordinator, that `fedtune coordinate` is running, and that "
+                "the port is open in their firewall (and not blocked by yours)",
+            )
+        ]
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain.check_hostname, plain.verify_mode = False, ssl.CERT_NONE
+    try:
+        with sock, plain.wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True) or b""
+    except (ssl.SSLError, OSError) as exc:
+        return [
+            Check(
+                name,
+                False,
+                f"TCP connection accepted, but no TLS handshake: {getattr(exc, 'reason', None) or exc}",
+                "the coordinator runs with --insecure (join with --insecure, trusted networks only), or this "
+                "address is not a fedtune coordinator",
+            )
+        ]
+    subject, names, issuer = _describe_cert(der)
+    seen = f"certificate {subject}, subjectAltName {', '.join(names) or 'none'}, issued by {issuer}"
+    checks = [_verify(name, host, int(port), root_cert, seen, names, issuer, timeout_s)]
+    exposed = _exposed_apis(host, int(port), timeout_s)
+    checks.append(
+        Check(
+            f"{name} exposure",
+            not exposed,
+            "only the Fleet API answers" if not exposed else f"answering beyond the Fleet API: {', '.join(exposed)}",
+            "the coordinator must upgrade fedtune: anyone holding ca.pem can steer this coordinator's campaigns",
         )
+    )
+    return checks
 
 
-def run_doctor(coordinator: str | None = None, gpu: int | None = None, out: TextIO = sys.stdout) -> int:
+def _verify(
+    name: str, host: str, port: int, root_cert: Path | None, seen: str, names: list[str], issuer: str, timeout_s: float
+) -> Check:
+    """The handshake again, this time verifying the certificate chain against ``root_cert`` and the host name."""
+    import ssl
+
+    if root_cert is None:
+        return Check(name, True, f"TLS, not verified ({seen})", "")
+    fix_ca = (
+        f"{root_cert} is not the CA that issued this certificate (issuer {issuer}): fetch the coordinator's "
+        "ca.pem again (~/.fedtune/coordinator/tls/ca.pem on their machine)"
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=str(root_cert))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return Check(name, False, f"cannot load --root-cert {root_cert}: {exc}", "pass the coordinator's ca.pem")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            ctx.wrap_socket(sock, server_hostname=host).close()
+    except ssl.SSLCertVerificationError as exc:
+        mismatch = "mismatch" in str(exc.verify_message) or "match" in str(exc.verify_message)
+        fix = (
+            f"the certificate covers {', '.join(names) or 'no name'}, not {host}: dial one of those, or ask the "
+            f"coordinator to restart `fedtune coordinate --address {host}:{port}`"
+            if mismatch
+            else fix_ca
+        )
+        return Check(name, False, f"CERTIFICATE_VERIFY_FAILED: {exc.verify_message} ({seen})", fix)
+    except (ssl.SSLError, OSError) as exc:
+        return Check(name, False, f"TLS handshake failed: {exc} ({seen})", fix_ca)
+    return Check(name, True, f"TLS verified against {root_cert} ({seen})")
+
+
+def run_doctor(
+    coordinator: str | None = None, gpu: int | None = None, out: TextIO = sys.stdout, root_cert: Path | None = None
+) -> int:
     """Run every check, print the results, return 1 if any failed."""
     steps: list[Callable[[], Check | list[Check]]] = [
         check_python,
@@ -170,7 +285,7 @@ def run_doctor(coordinator: str | None = None, gpu: int | None = None, out: Text
         lambda: check_torch(gpu),
     ]
     if coordinator:
-        steps.append(lambda: check_coordinator(coordinator))
+        steps.append(lambda: check_coordinator(coordinator, root_cert))
     failed = 0
     for step in steps:
         result = step()

@@ -3,10 +3,12 @@
 A contributor has two keys in its state dir: ``supernode.key`` (OpenSSH ECDSA P-384), which authenticates its
 SuperNode to the SuperLink and whose public half the coordinator approves, and ``identity.key`` (Ed25519), whose
 fingerprint is its contributor id in the credit ledger and which signs its secure-aggregation keys. The
-coordinator keeps approved SuperNode keys in ``contributors.allow``, one OpenSSH line (plus a name) each.
+coordinator keeps approved SuperNode keys in its home's ``contributors.allow`` (:mod:`fedtune.deploy.home`,
+which also holds ``approve``), one OpenSSH line (plus a name) each, shared by every campaign it runs.
 
 Private keys are written owner-readable only, through the one atomic writer, so a crash never leaves a
-truncated key behind.
+truncated key behind. Pitfall: an operator handed the wrong file (the private ``supernode.key``, a binary, a
+key of another type) gets one line saying which file to ask for.
 """
 
 from __future__ import annotations
@@ -16,17 +18,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fedtune.files import atomic_write_bytes, atomic_write_text
 from fedtune.identity import contributor_id
-
-ALLOW_HEADER = """\
-# Contributors allowed to join this campaign: one OpenSSH ECDSA P-384 public key per line, optionally
-# followed by a name. Add one with `fedtune approve KEYFILE --run-dir RUN_DIR --name NAME`; a running
-# coordinator registers new lines within seconds.
-"""
 
 
 @dataclass(frozen=True)
@@ -95,14 +92,15 @@ def parse_public_key(text: str) -> str:
     line = f"{fields[0]} {fields[1]}"
     try:
         key = serialization.load_ssh_public_key(line.encode("ascii"))
-    except (ValueError, UnicodeEncodeError) as exc:
+    except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"not an OpenSSH public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise ValueError("SuperNode authentication needs an ECDSA P-384 key (ecdsa-sha2-nistp384)")
     return line
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A display name safe for the allow-list and the ledger (letters, digits, `_.@-`; at most 64)."""
     return re.sub(r"[^A-Za-z0-9_.@-]", "-", name.strip())[:64]
 
 
@@ -120,19 +118,22 @@ def read_allow_list(path: Path) -> list[AllowedKey]:
             print(f"warning: {path}:{n}: skipped ({exc})", file=sys.stderr)
             continue
         fields = raw.split()
-        out.append(AllowedKey(key, _clean_name(" ".join(fields[2:])) or f"contributor-{n}"))
+        out.append(AllowedKey(key, clean_name(" ".join(fields[2:])) or f"contributor-{n}"))
     return out
 
 
-def approve(key_file: Path, run_dir: Path, name: str | None = None) -> AllowedKey:
-    """Add a contributor's public key to ``RUN_DIR/contributors.allow`` (idempotent)."""
-    text = Path(key_file).read_text(encoding="ascii").strip()
-    key = parse_public_key(text)
-    label = _clean_name(name or " ".join(text.split()[2:])) or "contributor"
-    allow = Path(run_dir) / "contributors.allow"
-    for entry in read_allow_list(allow):
-        if entry.key == key:
-            return entry
-    current = allow.read_text(encoding="utf-8") if allow.exists() else ALLOW_HEADER
-    atomic_write_text(allow, current + ("" if current.endswith("\n") else "\n") + f"{key} {label}\n")
-    return AllowedKey(key, label)
+def read_public_key_file(key_file: Path) -> str:
+    """The text of a contributor's public key file; ValueError (one line, with the fix) for anything else."""
+    key_file = Path(key_file)
+    if not key_file.is_file():
+        raise ValueError(f"{key_file}: no such file (ask the contributor for the supernode.pub that join printed)")
+    data = key_file.read_bytes()[:65536]
+    if b"PRIVATE KEY" in data:
+        raise ValueError(
+            f"{key_file} is a private key: approve the contributor's public key (supernode.pub); "
+            "the private key must never leave their machine"
+        )
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{key_file}: not a text file; expected an OpenSSH public key (supernode.pub)") from None

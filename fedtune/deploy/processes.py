@@ -4,6 +4,10 @@ Both commands supervise a Flower process for hours and must stop it on Ctrl-C or
 (or its children) running. One implementation here, so both sides stop the same way: SIGTERM first (Flower
 shuts down cleanly and keeps its database consistent), SIGKILL after a grace period; on Linux the child also
 gets SIGTERM if its supervisor dies (``PR_SET_PDEATHSIG``).
+
+Flower processes that start processes of their own (the SuperLink's SuperExec and its ``flwr-serverapp``
+detach into sessions of their own) run under a warden instead (:func:`start_warded`, :mod:`fedtune.deploy.warden`):
+it outlives a SIGKILLed supervisor just long enough to stop everything below it.
 """
 
 from __future__ import annotations
@@ -79,3 +83,42 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
             return
         time.sleep(0.3)
     raise ProcessError(f"nothing is listening on {host}:{port} after {timeout_s:.0f} s")
+
+
+def start_warded(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path, grace_s: float = 20.0
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` under a warden (:mod:`fedtune.deploy.warden`) in a session of its own; output goes to ``log``.
+
+    The returned process is the warden; this process keeps the write end of its stdin, so the warden stops
+    ``cmd`` and everything it started when this process exits, however it exits. Stop it with :func:`stop_warded`.
+    """
+    with Path(log).open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedtune.deploy.warden", str(grace_s), "--", *cmd],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def stop_warded(proc: subprocess.Popen[bytes] | None, grace_s: float = 20.0) -> int | None:
+    """Ask a warden to stop its command (SIGTERM); if it has not exited after ``grace_s`` + 10 s, kill its group."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s + 10.0)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    return proc.returncode

@@ -3,7 +3,10 @@
 Contributors dial the coordinator's SuperLink over TLS; they verify it against the CA certificate the
 coordinator hands them (``ca.pem``), so there is no public CA or DNS name to buy. Generation is
 idempotent: an existing CA is kept (contributors already hold it) and the server certificate is only
-re-issued when it no longer covers the hosts contributors dial or is close to expiring.
+re-issued when it no longer covers the hosts contributors dial (it then covers the old and the new ones) or
+is close to expiring. Rotation: deleting ``server.pem``/``server.key`` re-issues the server certificate from
+the same CA (contributors do nothing); deleting ``ca.pem``/``ca.key`` makes a new CA, which every contributor
+must fetch again. Threat: whoever holds ``ca.key`` can impersonate the coordinator, so it is written 0600.
 """
 
 from __future__ import annotations
@@ -145,7 +148,10 @@ def ensure_tls(tls_dir: Path, hosts: list[str] | tuple[str, ...], name: str = "f
     if files.cert.exists() and files.key.exists():
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
         fresh = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
-        if fresh and set(wanted) <= _covered_hosts(cert) and cert.issuer == ca.subject:
+        covered = _covered_hosts(cert)
+        if fresh and set(wanted) <= covered and cert.issuer == ca.subject:
             return files
+        if cert.issuer == ca.subject:  # keep serving the addresses other campaigns of this home use
+            wanted = sorted(set(wanted) | covered)
     _make_server(files, ca, ca_key, wanted)
     return files

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import tomli_w
 
-from fedtune.deploy.keys import approve, ensure_keys
-from fedtune.deploy.tls import ensure_tls
+from fedtune.deploy.home import approve, ensure_home
+from fedtune.deploy.keys import ensure_keys
 
 from ..bundles import pyproject_text
 from ..conftest import small_campaign
@@ -123,8 +123,13 @@ class Federation:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def home(self) -> Path:
+        """The coordinator home (CA, approved contributors), shared by every campaign of this coordinator."""
+        return self.root / "coordinator-home"
+
+    @property
     def ca(self) -> Path:
-        return self.run_dir / "tls" / "ca.pem"
+        return self.home / "tls" / "ca.pem"
 
     def spawn(self, args: list[str], log: Path, flwr_home: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as fh:
@@ -142,7 +147,16 @@ class Federation:
     def start_coordinator(self) -> None:
         self.coordinator_log = self.root / "coordinator.log"
         self.coordinator = self.spawn(
-            ["coordinate", str(self.campaign), "--run-dir", str(self.run_dir), "--address", self.address],
+            [
+                "coordinate",
+                str(self.campaign),
+                "--run-dir",
+                str(self.run_dir),
+                "--address",
+                self.address,
+                "--home",
+                str(self.home),
+            ],
             self.coordinator_log,
             self.root / "flwr-coord",
         )
@@ -152,7 +166,7 @@ class Federation:
         state = self.root / name
         keys = ensure_keys(state, name)
         if enrol:
-            approve(keys.auth_public, self.run_dir, name)
+            approve(keys.auth_public, self.home, name)
         return Contributor(name, state, self.root / f"{name}.log")
 
     def join(self, c: Contributor, partition: int, partitions: int, *extra: str) -> Contributor:
@@ -196,27 +210,32 @@ class Federation:
             stop_group(proc)
 
 
+def deployed_campaign(root: Path, name: str, rounds: int, cohort: int, min_cohort: int, **sections: dict) -> Path:
+    """``ROOT/campaign.toml``: a small campaign named ``name`` whose run dir is ``ROOT/run``."""
+    campaign = root / "campaign.toml"
+    federation = {
+        "rounds": rounds,
+        "contributors_per_round": cohort,
+        "min_cohort": min_cohort,
+        "local_steps": 3,
+        "round_timeout_s": ROUND_TIMEOUT_S,
+    }
+    raw = small_campaign(
+        campaign={"name": name, "seed": 0, "run_dir": str(root / "run")},
+        federation={**federation, **sections.pop("federation", {})},
+        **sections,
+    )
+    campaign.write_text(tomli_w.dumps(raw))
+    return campaign
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """Coordinator + three enrolled contributors running a 2-round campaign (min_cohort 2)."""
     root = tmp_path_factory.mktemp("deploy")
-    campaign = root / "campaign.toml"
-    campaign.write_text(
-        tomli_w.dumps(
-            small_campaign(
-                campaign={"name": "deploy-test", "seed": 0, "run_dir": str(root / "run")},
-                federation={
-                    "rounds": 2,
-                    "contributors_per_round": 3,
-                    "min_cohort": 2,
-                    "local_steps": 3,
-                    "round_timeout_s": ROUND_TIMEOUT_S,
-                },
-            )
-        )
-    )
+    campaign = deployed_campaign(root, "deploy-test", rounds=2, cohort=3, min_cohort=2)
     fed = Federation(root, free_port(), root / "run", campaign)
-    ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
+    ensure_home(fed.home, ["127.0.0.1"])  # the coordinator reuses it; contributors need the CA now
     contributors = [fed.contributor(f"c{i}") for i in range(3)]
     try:
         fed.start_coordinator()
@@ -273,26 +292,18 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
     started again on the same run dir: round 3 completes and no round is credited twice."""
     from fedtune.credit.ledger import Ledger, default_url
 
-    campaign = tmp_path / "campaign.toml"
-    campaign.write_text(
-        tomli_w.dumps(
-            small_campaign(
-                campaign={"name": "deploy-secure", "seed": 0, "run_dir": str(tmp_path / "run")},
-                federation={
-                    "rounds": 3,
-                    "contributors_per_round": 3,
-                    "min_cohort": 3,
-                    "local_steps": 3,
-                    "round_timeout_s": ROUND_TIMEOUT_S,
-                },
-                # room for one round more than planned: training done for a round the crash cut short stays spent
-                privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
-                secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0},
-            )
-        )
+    campaign = deployed_campaign(
+        tmp_path,
+        "deploy-secure",
+        rounds=3,
+        cohort=3,
+        min_cohort=3,
+        # room for one round more than planned: training done for a round the crash cut short stays spent
+        privacy={"mechanism": "dp-sgd", "target_epsilon": 8.0, "planned_rounds": 5},
+        secure_aggregation={"protocol": "secagg+", "min_cohort": 2, "stage_timeout_s": 120.0},
     )
     fed = Federation(tmp_path, free_port(), tmp_path / "run", campaign)
-    ensure_tls(fed.run_dir / "tls", ["127.0.0.1"])
+    ensure_home(fed.home, ["127.0.0.1"])
     try:
         fed.contributors = [fed.join(fed.contributor(f"s{i}"), i, 3) for i in range(3)]
         fed.start_coordinator()

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.deploy.bundle import COMPONENTS, BundleRefused, verify_fab
-from fedtune.deploy.keys import approve, ensure_keys, read_allow_list
+from fedtune.deploy.home import approve, ensure_home
+from fedtune.deploy.keys import ensure_keys, read_allow_list
 
 from ..bundles import fab, installed_source, pyproject_text
 
@@ -44,7 +45,7 @@ def test_keys_survive_a_restart(tmp_path: Path) -> None:
     assert first.contributor_id == again.contributor_id and first.public_line == again.public_line
     assert first.public_line.startswith("ecdsa-sha2-nistp384 ")
     assert oct((tmp_path / "state" / "supernode.key").stat().st_mode & 0o777) == "0o600"
-    run = tmp_path / "run"
-    approve(first.auth_public, run, "alice")
-    approve(first.auth_public, run, "alice")  # idempotent
-    assert [e.name for e in read_allow_list(run / "contributors.allow")] == ["alice"]
+    home = ensure_home(tmp_path / "home", ["127.0.0.1"])
+    approve(first.auth_public, home.root, "alice")
+    approve(first.auth_public, home.root, "alice")  # idempotent
+    assert [e.name for e in read_allow_list(home.allow_file)] == ["alice"]

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -183,19 +185,48 @@ def test_replaying_a_round_never_credits_twice(ledger: Ledger, db_url: str, cloc
         doubled = [_included(ALICE.id, 10**9), _included(BOB.id, 10**9)]
         assert restarted.record_round("c", 5, doubled, flops_per_token=FPT) == []
         assert sum(row.total_credit for row in restarted.leaderboard()) == pytest.approx(total)
-        # a replay that also knows a member the first attempt missed adds only that member
-        added = restarted.record_round("c", 5, [*entries, _included(CAROL.id)], flops_per_token=FPT)
-        assert [row.contributor_id for row in added] == [CAROL.id]
-        assert {r.recorded_at for r in restarted.round_entries("c", 5) if r.contributor_id == ALICE.id} == {T0}
+        assert {r.recorded_at for r in restarted.round_entries("c", 5)} == {T0}
 
 
-def test_replay_is_a_no_op_without_on_conflict_too(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    # dialects without ON CONFLICT (MySQL, ...) take the check-then-insert path
-    monkeypatch.setattr(ledger_module, "ON_CONFLICT_INSERTS", {})
-    assert len(ledger.record_round("c", 0, [_included(ALICE.id)], flops_per_token=FPT)) == 1
-    added = ledger.record_round("c", 0, [_included(ALICE.id), _included(BOB.id)], flops_per_token=FPT)
-    assert [row.contributor_id for row in added] == [BOB.id]
-    assert len(ledger.round_entries("c", 0)) == 2
+@pytest.mark.parametrize("on_conflict", [True, False], ids=["on-conflict", "savepoint"])
+def test_a_replay_with_another_cohort_credits_nobody(
+    ledger: Ledger, db_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, on_conflict: bool
+) -> None:
+    """The adversary: a round replayed after a crash (or by a second, stale run) with a different cohort."""
+    if not on_conflict:  # dialects without ON CONFLICT (MySQL, ...) take the savepoint path
+        monkeypatch.setattr(ledger_module, "ON_CONFLICT_INSERTS", {})
+    first = ledger.record_round("c", 3, [_included(ALICE.id), _included(BOB.id)], flops_per_token=FPT)
+    assert {row.contributor_id for row in first} == {ALICE.id, BOB.id}
+    ledger.close()
+    clock.now = T0 + timedelta(minutes=10)
+    with Ledger.open(db_url, clock=clock) as restarted:
+        other_cohort = [_included(CAROL.id), _included(DAVE.id)]
+        assert restarted.record_round("c", 3, other_cohort, flops_per_token=FPT) == []
+        overlapping = [_included(ALICE.id), _included(CAROL.id), RoundEntry(DAVE.id, "dropped", 64, 32_768)]
+        assert restarted.record_round("c", 3, overlapping, flops_per_token=FPT) == []
+        assert {r.contributor_id for r in restarted.round_entries("c", 3)} == {ALICE.id, BOB.id}
+        board = {row.name: row for row in restarted.leaderboard("c")}
+        assert set(board) == {"alice", "bob"}
+        assert board["alice"].total_credit == pytest.approx(round_credit(32_768, FPT))
+        assert restarted.round_recorded("c", 3) and not restarted.round_recorded("c", 4)
+        # another round, and the same round of another campaign, are still recorded normally
+        assert len(restarted.record_round("c", 4, other_cohort, flops_per_token=FPT)) == 2
+        assert len(restarted.record_round("other", 3, other_cohort, flops_per_token=FPT)) == 2
+
+
+def test_rounds_recorded_before_the_claim_table_stay_recorded(db_url: str, clock: FakeClock) -> None:
+    """A ledger written by an older fedtune (no ``recorded_rounds``) is backfilled by the migration."""
+    with Ledger.open(db_url, clock=clock) as ledger:
+        ledger.register_contributors([Contributor(p.id, p.name) for p in (ALICE, BOB, CAROL)])
+        ledger.record_round("c", 1, [_included(ALICE.id), _included(BOB.id)], flops_per_token=FPT)
+        config = Config()
+        config.set_main_option("script_location", str(ledger_module.MIGRATIONS_DIR))
+        with ledger.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0002")
+    with Ledger.open(db_url, clock=clock) as upgraded:
+        assert upgraded.round_recorded("c", 1)
+        assert upgraded.record_round("c", 1, [_included(CAROL.id)], flops_per_token=FPT) == []
 
 
 def test_bad_round_writes_nothing(ledger: Ledger) -> None:
