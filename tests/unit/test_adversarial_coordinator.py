@@ -376,12 +376,12 @@ def test_plain_replies_and_declines_carry_no_private_statistic(tmp_path: Path, s
     c = contributor(tmp_path / "c", policy={"max_epsilon": 2.0})
     trained = c.train(cfg, 1, start, fingerprint)
     budget = c.train(cfg, 2, start, fingerprint)  # the planned participation is spent: a decline with ε
-    declined_for(budget, "ε budget")
-    assert Decline.read(budget.content).epsilon is not None
+    assert is_decline(budget) and Decline.read(budget.content).epsilon is not None
     private = private_figures(c, cfg)
     assert {"round 1 tokens", "round 1 train_loss", "round 1 exact ε"} <= set(private)
     for reply in (trained, budget):
         assert_nothing_private(reply, private)
+    declined_for(budget, "ε budget")
 
 
 class RecordingGrid(InProcessGrid):

@@ -208,6 +208,29 @@ def test_ghost_norms_and_clipped_gradient_match_hooks_and_brute_force(model_path
     assert relative_error(summed["ghost"], summed["hooks"]) < REL_TOL
 
 
+def test_secure_mode_reaches_opacus_noise(model_path: Path) -> None:
+    """``secure_mode`` makes Opacus draw each noise value as 4 Gaussians summed and halved: same σ·C, other values."""
+    moved = {}
+    for secure in (False, True):
+        model = lora_model(model_path)
+        before = weights(model)
+        run = make_private(
+            model,
+            torch.optim.SGD([p for _, p in trainable(model)], lr=1.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=1,
+            noise_generator=torch.Generator().manual_seed(0),
+            secure_mode=secure,
+        )
+        run.empty_step()  # a noise-only step: the update is minus the noise
+        run.close()
+        moved[secure] = weights(model) - before
+    assert not torch.equal(moved[False], moved[True])
+    for delta in moved.values():
+        assert delta.numel() > 10_000 and abs(float(delta.std()) - 1.0) < 0.05
+
+
 def test_non_reentrant_checkpointing_is_refused(model_path: Path) -> None:
     model = lora_model(model_path)
     model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
