@@ -1,11 +1,15 @@
-"""DP-SGD overhead on LoRA: step time and peak memory of hooks / ghost clipping vs a non-private step.
+"""DP-SGD overhead on LoRA: step time and peak memory of hooks / ghost clipping / secure mode vs a non-private step.
 
 Not a test. Every mode trains the same FFA-LoRA model (A frozen, B trains) on the same fixed, right-padded
 batch with the project's per-sequence loss, so the only difference is DP: per-sample gradients (hooks) or
-per-sample norms and a second backward (ghost), clipping and noise. Poisson sampling is left out on purpose
-(it would make the batches, not the method, differ).
+per-sample norms and a second backward (ghost), clipping and noise. ``hooks-secure`` is ``hooks`` with Opacus'
+secure-mode noise (each draw the sum of 4 Gaussians, halved: the floating-point-attack defence) from an
+OS-seeded generator, i.e. every part of secure mode except ``torchcsprng``'s generator, which has no build for
+this Python and torch (see ``fedtune.clients.trainer.secure_mode_missing``). ``--noise-params`` also times the
+noise draw alone for adapters of those sizes. Poisson sampling is left out on purpose (it would make the batches,
+not the method, differ).
 
-- time: the three modes run interleaved in one process, ``--repeats`` times ``--steps`` steps each after a
+- time: the modes run interleaved in one process, ``--repeats`` times ``--steps`` steps each after a
   warm-up; step time is the median over repeats, the ratio the median of per-repeat ratios to ``plain``.
 - memory: each mode runs in its own subprocess. On CUDA, ``torch.cuda.max_memory_allocated``. On CPU, the
   process's peak RSS (VmHWM), reset once the model is built (``/proc/self/clear_refs``), with glibc's mmap
@@ -36,12 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.clients.trainer import LocalRun, PlainRun, train_step
+from fedtune.clients.trainer import LocalRun, PlainRun, Randomness, train_step
 from fedtune.config import is_builtin
 from fedtune.ml.tiny import TINY_LLAMA, builtin_path
 from fedtune.privacy import make_private
 
-MODES = ("plain", "hooks", "ghost")
+MODES = ("plain", "hooks", "ghost", "hooks-secure")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TIME_TARGET, MEMORY_TARGET = 1.15, 1.2
 BIG = "local:llama-h512-l4"  # built in-process: hidden 512, 4 layers, byte-level vocabulary
@@ -116,13 +120,16 @@ def build_run(setup: Setup, mode: str) -> tuple[LocalRun, dict[str, torch.Tensor
     if mode == "plain":
         model.train()
         return PlainRun(model, optimizer, torch.device(setup.device)), batch
+    secure = mode == "hooks-secure"
     run = make_private(
         model,
         optimizer,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         expected_batch_size=setup.batch,
-        grad_sample_mode=mode,  # type: ignore[arg-type]
+        grad_sample_mode="hooks" if secure else mode,  # type: ignore[arg-type]
+        noise_generator=Randomness.secret(setup.device).noise,
+        secure_mode=secure,
     )
     return run, batch
 
@@ -227,6 +234,29 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def noise_draws(sizes: list[int], device: str, repeats: int) -> list[dict[str, Any]]:
+    """Median time of one noise draw for a trainable vector of each size, plain vs secure mode (Opacus' own)."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    generator = Randomness.secret(device).noise
+    out = []
+    for size in sizes:
+        reference = torch.zeros(size, device=device)
+        row: dict[str, Any] = {"params": size}
+        for secure in (False, True):
+            times = []
+            for _ in range(repeats):
+                synchronize(device)
+                started = time.perf_counter()
+                _generate_noise(1.0, reference, generator=generator, secure_mode=secure)
+                synchronize(device)
+                times.append(time.perf_counter() - started)
+            row["secure_ms" if secure else "plain_ms"] = 1e3 * statistics.median(times)
+        row["ratio"] = row["secure_ms"] / row["plain_ms"]
+        out.append(row)
+    return out
+
+
 def bench(setup: Setup, steps: int, repeats: int, warmup: int) -> dict[str, Any]:
     probe = lora(load_base(setup), setup.seed)
     counts = {
@@ -256,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--noise-params", type=int, nargs="*", default=[10**5, 10**6, 10**7], help="adapter sizes for the noise table"
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -283,7 +316,13 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": results,
     }
+    noise = noise_draws(args.noise_params, args.device, args.repeats) if args.noise_params else []
+    report["noise"] = noise
     print(markdown(results))
+    if noise:
+        print("\n| trainable params | noise draw ms | secure-mode draw ms | ratio |\n|---|---|---|---|")
+        for row in noise:
+            print(f"| {row['params']:,} | {row['plain_ms']:.2f} | {row['secure_ms']:.2f} | {row['ratio']:.2f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,12 +1,22 @@
 """The fedtune ClientApp: what runs on a contributor for each round (Flower Message API).
 
 The coordinator's train message (:class:`fedtune.wire.TrainRequest`) carries the campaign config, the base
-fingerprint and the current shared adapter tensors. The contributor checks the fingerprint, its privacy budget
-and (under SecAgg+) the cohort against its own policy, trains on its own shard, and replies with its new adapter
-tensors and what it did (:class:`~fedtune.wire.TrainReply`). A contributor that will not train this round (a
-foreign base, a spent privacy budget) replies with a :class:`~fedtune.wire.Decline` and its reason; a request
-that is not well-formed is refused (the handler raises :class:`~fedtune.wire.WireError`, the coordinator sees
-an error reply). Every message is built and read by :mod:`fedtune.wire`.
+fingerprint and the current shared adapter tensors. The contributor checks the fingerprint, then the campaign
+against its own policy and the parameters it pinned (:mod:`fedtune.clients.policy`), its shard and its lifetime
+privacy budget, all before training; trains on its own shard with batches and noise drawn from OS randomness;
+and replies with its new adapter tensors plus values that are assigned or coarse (:class:`~fedtune.wire.TrainReply`).
+A contributor that will not train this round replies with a :class:`~fedtune.wire.Decline` and a reason that
+names no private number; a request that is not well-formed is refused (the handler raises
+:class:`~fedtune.wire.WireError`, the coordinator sees an error reply). Every message is built and read by
+:mod:`fedtune.wire`.
+
+Threat: the coordinator is the adversary of the contributor's data (DESIGN.md). Nothing it sends decides what
+protects the contributor: the policy and the state dir are the contributor's own, the sampling and noise seeds
+never leave the process, and the exact loss, token and sample counts, shard size, ε and wall time stay in the
+contributor's own ``rounds.jsonl``.
+
+Pitfall: a check that runs after training has already spent ε; keep every check in :func:`local_update` before
+:func:`~fedtune.clients.trainer.train_local` (the SecAgg+ stage passes its own as ``refuse``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -34,8 +45,16 @@ from fedtune.ml.model import (
     load_trainable,
     trainable_arrays,
 )
-from fedtune.privacy import ContributorPrivacy, PrivacyParams, clip_update
+from fedtune.privacy import (
+    ContributorPrivacy,
+    PrivacyParams,
+    clip_update,
+    coarse_epsilon,
+    coarse_loss,
+    resolve_delta,
+)
 from fedtune.wire import (
+    SECAGG_ADVERTISE,
     ContributorInfo,
     Decline,
     TrainReply,
@@ -43,8 +62,20 @@ from fedtune.wire import (
     TrainRequest,
     arrays_from_record,
     arrays_to_record,
+    secagg_message_type,
 )
 
+from .policy import (
+    CampaignPins,
+    ContributorPolicy,
+    PolicyError,
+    Refusal,
+    campaign_refusal,
+    contributor_state_dir,
+    load_policy,
+    shard_refusal,
+    simulation_seed,
+)
 from .secagg_client import Trainer, register_secagg_handlers
 from .trainer import Randomness, train_local
 
@@ -100,45 +131,91 @@ def contributor_info(cfg: CampaignConfig, context: Context) -> ContributorInfo:
 
 
 def record_round(context: Context, row: dict) -> None:
-    """Append this contributor's round to ``STATE_DIR/rounds.jsonl``, which ``fedtune join`` prints."""
-    state = str(context.node_config.get("state-dir", ""))
-    if state:
-        Path(state).mkdir(parents=True, exist_ok=True)
-        with (Path(state) / "rounds.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({**row, "time": time.time()}, sort_keys=True) + "\n")
+    """Append this contributor's round to ``STATE_DIR/rounds.jsonl`` (its own log, never sent; ``join`` prints it)."""
+    try:
+        state = contributor_state_dir(context)
+    except PolicyError:
+        return  # declined before it was known where this contributor keeps its state
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "rounds.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({**row, "time": time.time()}, sort_keys=True) + "\n")
 
 
-def decline(message: Message, context: Context, server_round: int, why: Decline) -> Message:
-    """Reply that this contributor does not train this round, and why (the server logs it)."""
-    log.warning("declining round %d: %s", server_round, why.reason)
-    record_round(context, {"round": server_round, "declined": True, "reason": why.reason, "epsilon": why.epsilon})
-    return Message(content=why.content(), reply_to=message)
+def decline(
+    message: Message,
+    context: Context,
+    server_round: int,
+    who: ContributorInfo,
+    why: Refusal,
+    epsilon: float | None = None,
+) -> Message:
+    """Reply that this contributor does not train this round: the public reason (and coarse ε) go to the server,
+    the detail stays in the contributor's own log and ``rounds.jsonl``."""
+    log.warning("declining round %d: %s%s", server_round, why.reason, f" ({why.detail})" if why.detail else "")
+    record_round(
+        context,
+        {"round": server_round, "declined": True, "reason": why.reason, "detail": why.detail, "epsilon": epsilon},
+    )
+    reply = Decline(why.reason, who, None if epsilon is None else coarse_epsilon(epsilon))
+    return Message(content=reply.content(), reply_to=message)
 
 
-def state_dir(context: Context, request: TrainRequest, contributor: str) -> Path:
-    """The contributor's own state (privacy accountant): ``--state-dir`` when deployed, in the run dir in
-    simulation."""
-    node = context.node_config
-    if "state-dir" in node:
-        return Path(str(node["state-dir"]))
-    if not request.state_root:
-        raise ValueError("no state dir: set the node config 'state-dir' (fedtune join does)")
-    return Path(request.state_root) / contributor
+def open_privacy(
+    cfg: CampaignConfig, policy: ContributorPolicy, pins: CampaignPins | None, folder: Path, shard_size: int
+) -> tuple[ContributorPrivacy | None, Refusal | None]:
+    """The contributor's lifetime accountant for this round, or why the round is declined.
 
-
-def load_privacy(cfg: CampaignConfig, context: Context, folder: Path, shard_size: int) -> ContributorPrivacy | None:
-    """The contributor's lifetime accountant, or ``None`` when the campaign trains without DP."""
-    if cfg.privacy.mechanism == "none":
-        return None
-    node = context.node_config
-    personal = node.get("max-epsilon") or cfg.privacy.personal_max_epsilon.get(str(_partition(context)[0]))
+    The budget is min(policy ``max_epsilon``, the pinned first campaign's target, this campaign's target): it
+    never grows. δ is the campaign's (or fedtune's public default), never derived from the shard; the shard must
+    fit the policy and δ; the calibrated noise multiplier must reach the policy's minimum. A round without DP
+    (which the policy allowed) still steps the accountant, with no noise: its ε is then infinite for good.
+    """
+    priv, fed = cfg.privacy, cfg.federation
+    private = priv.mechanism == "dp-sgd"
+    delta = resolve_delta(priv.delta or None)
+    refusal = shard_refusal(policy, shard_size, delta if private else None)
+    if refusal is not None:
+        return None, refusal
+    cap = min(policy.max_epsilon, pins.target_epsilon) if pins is not None else policy.max_epsilon
     params = PrivacyParams.from_campaign(
-        cfg.privacy, campaign_rounds=cfg.federation.rounds, personal_max_epsilon=float(personal) if personal else None
+        priv, campaign_rounds=fed.rounds, personal_max_epsilon=cap if private else None
     )
-    fed = cfg.federation
-    return ContributorPrivacy.load(
-        folder, params, shard_size=shard_size, batch_size=fed.batch_size, local_steps=fed.local_steps
-    )
+    try:
+        privacy = ContributorPrivacy.load(
+            folder, params, shard_size=shard_size, batch_size=fed.batch_size, local_steps=fed.local_steps
+        )
+    except ValueError as exc:  # calibration impossible; the message holds the sampling rate batch_size / n
+        return None, Refusal(
+            "cannot calibrate DP-SGD noise for the campaign's ε and δ on this contributor's shard", str(exc)
+        )
+    if private and privacy.noise_multiplier < policy.min_noise_multiplier:
+        return None, Refusal(
+            f"the campaign's ε and planned participation give a noise multiplier below this contributor's minimum "
+            f"{policy.min_noise_multiplier:g}",
+            f"σ = {privacy.noise_multiplier:.4f}",
+        )
+    ok, reason = privacy.check_round(fed.local_steps)
+    if not ok:
+        return privacy, Refusal("the round would take this contributor past its lifetime ε budget", reason)
+    return privacy, None
+
+
+def round_randomness(
+    context: Context, policy: ContributorPolicy, server_round: int, device: torch.device
+) -> Randomness:
+    """Where this round's batches and noise come from: OS randomness (a CSPRNG in secure mode), never a public seed.
+
+    Only a simulated contributor with the local switch :data:`~fedtune.clients.policy.SIMULATION_SEED_ENV` set
+    draws reproducibly (from that seed, the round and its partition), so a secure and a plain simulation can be
+    compared run for run.
+    """
+    if policy.secure_mode:
+        return Randomness.csprng(device)
+    seed = simulation_seed(context)
+    if seed is None:
+        return Randomness.secret(device)
+    material = f"fedtune/simulation-seed/v1:{seed}:{server_round}:{_partition(context)[0]}".encode()
+    return Randomness.from_seed(int.from_bytes(hashlib.sha256(material).digest()[:8], "big"), device=device)
 
 
 def clipped_update(start: dict[str, np.ndarray], end: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
@@ -166,8 +243,11 @@ def local_update(
 ) -> LocalUpdate | Message:
     """Every contributor-side check, then local training: a decline reply, or the update to send.
 
-    ``refuse`` adds a reason to decline (checked before the privacy budget and training, so a refused
-    round costs neither); the plain and the secure-aggregation handlers share everything else.
+    In order, all before training, so a declined round costs no ε: the base fingerprint; the campaign against the
+    contributor's policy (:func:`~fedtune.clients.policy.campaign_refusal`) and against the first campaign it
+    accepted (:class:`~fedtune.clients.policy.CampaignPins`); ``refuse`` (the SecAgg+ stage's own checks); the
+    shard, the calibrated noise and the lifetime budget (:func:`open_privacy`). The first accepted round's
+    parameters are pinned before it trains. The plain and the secure-aggregation handlers share everything else.
     """
     cfg, server_round = request.campaign(), request.server_round
     if str(context.node_config.get("data", "")):  # a deployed contributor trains on its own data
@@ -176,9 +256,15 @@ def local_update(
     try:
         check_fingerprint(cfg.model, request.base_fingerprint)
     except FingerprintMismatch as exc:
-        return decline(message, context, server_round, Decline(str(exc), who))
-    if refuse is not None and (reason := refuse(cfg)) is not None:
-        return decline(message, context, server_round, Decline(reason, who))
+        return decline(message, context, server_round, who, Refusal(str(exc)))
+    folder, policy = contributor_state_dir(context), load_policy(context)
+    pins = CampaignPins.load(folder)
+    secure = message.metadata.message_type == secagg_message_type(SECAGG_ADVERTISE)
+    refusal = campaign_refusal(policy, cfg, secure) or (pins.refusal(CampaignPins.of(cfg)) if pins else None)
+    if refusal is None and refuse is not None and (reason := refuse(cfg)) is not None:
+        refusal = Refusal(reason)
+    if refusal is not None:
+        return decline(message, context, server_round, who, refusal)
     partition_id, num_partitions = _partition(context)
     ws = _workspace(
         cfg,
@@ -187,37 +273,36 @@ def local_update(
         num_partitions,
         str(context.node_config.get("device", "cpu")),
     )
-    fed = cfg.federation
-    privacy = load_privacy(cfg, context, state_dir(context, request, who.id), len(ws.shard))
-    if privacy is not None:
-        ok, reason = privacy.check_round(fed.local_steps)
-        if not ok:
-            return decline(message, context, server_round, Decline(reason, who, privacy.epsilon_spent()))
+    fed, private = cfg.federation, cfg.privacy.mechanism == "dp-sgd"
+    privacy, refusal = open_privacy(cfg, policy, pins, folder, len(ws.shard))
+    if refusal is not None:
+        spent = privacy.epsilon_spent() if privacy is not None and private else None
+        return decline(message, context, server_round, who, refusal, spent)
+    assert privacy is not None
+    if pins is None:
+        CampaignPins.of(cfg).save(folder)
     start = arrays_from_record(request.arrays)
     load_trainable(ws.model, start)
-    seed = cfg.campaign.seed * 1_000_003 + server_round * 1009 + partition_id
-    randomness = Randomness.from_seed(seed, device=next(ws.model.parameters()).device)
     result = train_local(
         ws.model,
         ws.shard,
         steps=fed.local_steps,
         batch_size=fed.batch_size,
         learning_rate=fed.learning_rate,
-        randomness=randomness,
+        randomness=round_randomness(context, policy, server_round, next(ws.model.parameters()).device),
         privacy=privacy,
+        secure_mode=policy.secure_mode,
     )
     end = trainable_arrays(ws.model)
     if cfg.privacy.update_clip_norm > 0:
         end = clipped_update(start, end, cfg.privacy.update_clip_norm)
+    spent = float(result.privacy["epsilon_spent"]) if private else None
     report = TrainReport(
-        # weight by the assigned batch count, not the Poisson draw, so the weight says nothing about the data
+        # the assigned work, not the Poisson draw; loss and ε on a coarse public grid (fedtune.privacy.release)
         num_examples=fed.local_steps * fed.batch_size,
-        samples=result.examples,
-        tokens=result.tokens,
-        train_loss=result.train_loss,
-        wall_s=result.wall_s,
-        steps=result.steps,
-        epsilon=float(result.privacy["epsilon_spent"]) if result.privacy else None,
+        steps=fed.local_steps,
+        train_loss=coarse_loss(result.train_loss),
+        epsilon=None if spent is None else coarse_epsilon(spent),
     )
     record_round(
         context,
@@ -227,7 +312,7 @@ def local_update(
             "tokens": result.tokens,
             "train_loss": result.train_loss,
             "wall_s": result.wall_s,
-            "epsilon": result.privacy.get("epsilon_spent"),
+            "epsilon": spent,
         },
     )
     return LocalUpdate(cfg, start, end, report, who)

@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
-from fedtune.secagg import STAGES, SecAggAbort, SecAggClient, SecAggCryptoError, SecAggProtocolError
+from fedtune.secagg import STAGES, SecAggAbort, SecAggClient, SecAggCryptoError, SecAggError, SecAggProtocolError
 from fedtune.secagg.campaign import encode_update, quant_config
 from fedtune.secagg.crypto import identity_public_bytes
 from fedtune.wire import (
@@ -113,7 +113,9 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
 
     def too_small(cfg: CampaignConfig) -> str | None:
         need = cfg.secure_aggregation.min_cohort
-        return f"secure-aggregation cohort of {cohort} is below the campaign minimum {need}" if cohort < need else None
+        if cohort < need:
+            return f"secure-aggregation cohort of {cohort} is below the campaign minimum {need}"
+        return advertise_refusal(cfg, context, msg, message.metadata.dst_node_id)  # before training: costs no ε
 
     update = trainer(message, train, context, refuse=too_small)
     if isinstance(update, Message):
@@ -133,6 +135,23 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
     context.state[WHO] = update.who.to_record()
     answer = SecAggReply({**reply, SECAGG_IDENTITY: public}, contributor=update.who)
     return Message(content=answer.content(), reply_to=message)
+
+
+def advertise_refusal(cfg: CampaignConfig, context: Context, msg: dict[str, Any], node: int) -> str | None:
+    """Why this round's SecAgg+ parameters are refused (as the advertise stage would refuse them), else ``None``.
+
+    Runs inside the trainer's checks, before training, so a round whose parameters are bad costs no ε.
+    """
+    identity = identity_key(context, cfg.campaign.seed)
+    public = identity_public_bytes(identity)
+    client = SecAggClient(
+        node, identity, {node: public}, cfg.campaign.name, round_id=int(msg["round"]), quant=quant_config(cfg)
+    )
+    try:
+        client.handle(msg)
+    except (SecAggError, ValueError) as exc:
+        return f"secure-aggregation round refused: {exc}"
+    return None
 
 
 def _registry(meta: ConfigRecord, request: dict[str, Any], node: int, public: bytes) -> dict[int, bytes]:

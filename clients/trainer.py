@@ -5,12 +5,19 @@ only in what the loop is handed: a :class:`PlainRun` and shuffled batches, or Op
 (:func:`fedtune.privacy.make_private`) and its Poisson ``DPDataLoader``. Each step is :func:`train_step`
 either way, with the per-sequence mean loss (never HF's ``labels=`` loss, which couples the samples).
 
-The randomness of batch sampling and DP noise comes from the :class:`Randomness` passed in: today a seed
-from the campaign (:meth:`Randomness.from_seed`); the caller is the one place to switch that.
+The randomness of batch sampling and DP noise comes from the :class:`Randomness` passed in. The ClientApp
+draws it from the operating system for every round (:meth:`Randomness.secret`), or from a CSPRNG in secure mode
+(:meth:`Randomness.csprng`). Threat: the coordinator is the adversary of the contributor's data; batches it can
+recompute void the amplification by sampling the accounting assumes (the campaign's ε = 8 becomes ≈ 19–40), and
+noise it can recompute is no noise at all. Pitfall: :meth:`Randomness.from_seed` is reproducible, hence
+recomputable by whoever knows the seed: tests and the local-only simulation switch
+(:func:`fedtune.clients.policy.simulation_seed`) use it, a contributor never derives it from a public value.
 """
 
 from __future__ import annotations
 
+import secrets
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +64,36 @@ class Randomness:
     noise: torch.Generator
 
     @classmethod
+    def secret(cls, device: torch.device | str = "cpu") -> Randomness:
+        """Two generators seeded with 64 bits each from the operating system's CSPRNG (``secrets``), fresh per call.
+
+        Nobody else can recompute the batches or the noise: the seeds never leave the process. The generators
+        themselves are torch's (Mersenne Twister on CPU, Philox on CUDA), fast but not cryptographic; secure
+        mode (:meth:`csprng`) replaces them.
+        """
+        sampling = torch.Generator().manual_seed(secrets.randbits(64))
+        return cls(sampling, torch.Generator(device=device).manual_seed(secrets.randbits(64)))
+
+    @classmethod
+    def csprng(cls, device: torch.device | str = "cpu") -> Randomness:
+        """Secure mode: both streams from ``torchcsprng``'s ``/dev/urandom`` generator (what Opacus' secure mode uses).
+
+        Raises
+        ------
+        SecureModeUnavailable
+            When ``torchcsprng`` cannot be imported (:func:`secure_mode_missing` says why).
+        """
+        missing = secure_mode_missing()
+        if missing is not None:
+            raise SecureModeUnavailable(missing)
+        import torchcsprng  # type: ignore[import-not-found]
+
+        if torch.device(device).type != "cpu":
+            raise SecureModeUnavailable("secure mode draws its noise on the CPU: torchcsprng's urandom generator")
+        generator = torchcsprng.create_random_device_generator("/dev/urandom")
+        return cls(generator, generator)
+
+    @classmethod
     def from_seed(cls, seed: int, device: torch.device | str = "cpu") -> Randomness:
         """Two independent streams derived from ``seed`` (reproducible, hence recomputable by whoever knows it).
 
@@ -69,6 +106,27 @@ class Randomness:
         """
         sampling, noise = (int(s.generate_state(1, np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(2))
         return cls(torch.Generator().manual_seed(sampling), torch.Generator(device=device).manual_seed(noise))
+
+
+class SecureModeUnavailable(RuntimeError):
+    """Secure mode was asked for where its cryptographically secure generator cannot be had."""
+
+
+def secure_mode_missing() -> str | None:
+    """Why Opacus' secure mode cannot run here (one actionable line), or ``None`` when it can.
+
+    Secure mode needs ``torchcsprng`` (Opacus imports it for its ``/dev/urandom`` generator). Its last release,
+    0.2.1 (2021), has wheels for CPython 3.6–3.9 built against torch 1.8 only: ``pip install torchcsprng`` finds
+    nothing for this Python and torch.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        return None
+    return (
+        f"secure mode needs torchcsprng (Opacus' CSPRNG), which is not installed; its last release has no build for "
+        f"Python {sys.version_info.major}.{sys.version_info.minor} and torch {torch.__version__}"
+    )
 
 
 class LocalRun(Protocol):
@@ -186,6 +244,7 @@ def train_local(
     randomness: Randomness,
     privacy: ContributorPrivacy | None = None,
     loss_fn: LossFn = causal_lm_loss,
+    secure_mode: bool = False,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable adapter; DP-SGD (DP-AdamW) when ``privacy`` says so.
 
@@ -209,6 +268,8 @@ def train_local(
         The contributor's accounting (``None``: no accountant at all, as when the campaign trains without DP).
     loss_fn
         Per-sequence loss; defaults to :func:`causal_lm_loss`.
+    secure_mode
+        Opacus' floating-point-attack-resistant noise (pass :meth:`Randomness.csprng` with it).
 
     Returns
     -------
@@ -240,6 +301,7 @@ def train_local(
             expected_batch_size=privacy.sample_rate * len(shard),
             grad_sample_mode=privacy.params.grad_sample_mode,
             noise_generator=randomness.noise,
+            secure_mode=secure_mode,
         )
         loader: Iterable[Any] = poisson_loader(shard, privacy.sample_rate, shard.pad, randomness.sampling)
     else:

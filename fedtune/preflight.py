@@ -326,14 +326,22 @@ def check_privacy(cfg: CampaignConfig, shard_sizes: list[int]) -> None:
     priv, fed = cfg.privacy, cfg.federation
     if priv.mechanism != "dp-sgd" or not shard_sizes:
         return
-    from fedtune.privacy import PrivacyParams, calibrate_noise, default_delta, epsilon_of, sample_rate_for
+    from fedtune.privacy import PrivacyParams, calibrate_noise, delta_fits, epsilon_of, resolve_delta, sample_rate_for
     from fedtune.privacy.accounting import new_accountant
 
     params = PrivacyParams.from_campaign(priv, campaign_rounds=fed.rounds)
     steps = fed.local_steps * params.planned_rounds
     last_sigma = 20.0 * 2**16  # the largest σ opacus.accountants.utils.get_noise_multiplier tries
+    delta = resolve_delta(params.target_delta)
     for size in sorted(set(shard_sizes)):
-        delta = params.target_delta or default_delta(size)
+        if not delta_fits(delta, size):
+            raise _error(
+                cfg,
+                "[privacy] delta",
+                f"δ at most 1/(10 × records) for every virtual contributor (one has {size} records; its own policy "
+                "would decline every round): use more data, fewer contributors or a smaller δ",
+                delta,
+            )
         rate = sample_rate_for(fed.batch_size, size)
         accountant = new_accountant(params.accountant)
         accountant.history = [(last_sigma, rate, steps)]
@@ -346,7 +354,6 @@ def check_privacy(cfg: CampaignConfig, shard_sizes: list[int]) -> None:
                 priv.target_epsilon,
             )
     smallest = min(shard_sizes)
-    delta = params.target_delta or default_delta(smallest)
     try:
         calibrate_noise(
             params.target_epsilon, delta, sample_rate_for(fed.batch_size, smallest), steps, params.accountant

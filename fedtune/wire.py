@@ -10,7 +10,7 @@ Job
     message                       direction              records
     ============================  =====================  ===============================================
     :class:`TrainRequest`         coordinator -> node    ``arrays`` (shared adapter), ``config``
-                                                         (campaign TOML, base fingerprint, round, state root)
+                                                         (campaign TOML, base fingerprint, round)
     :class:`TrainReply`           node -> coordinator    ``arrays`` (new adapter), ``metrics``
                                                          (:class:`TrainReport`), ``contributor``
     :class:`Decline`              node -> coordinator    ``metrics`` (``declined = 1``, ε), ``reason``,
@@ -30,7 +30,9 @@ Threat
     right type, SecAgg+ headers well-formed) and raises :class:`WireError`, one line naming the message and
     the field, on anything else; the coordinator treats that node as failed, a contributor refuses the round.
     What the values mean (a contributor's own policy, the SecAgg+ protocol, the coordinator's assignment) is
-    checked by the caller, never here.
+    checked by the caller, never here. What a contributor sends besides its update is assigned or coarse
+    (:class:`TrainReport`): nothing here carries an exact loss, token or sample count, shard size, ε or wall time,
+    and no request field names where a contributor keeps its state (that is the contributor's own business).
 
 Pitfalls
     Flower's strategies find records by key (``arrayrecord_key``, ``configrecord_key``, ``weighted_by_key``):
@@ -68,12 +70,8 @@ SECAGG_ARRAYS = "secagg-arrays"  # ArrayRecord: its numpy fields (the masked uin
 CAMPAIGN_TOML = "campaign-toml"
 BASE_FINGERPRINT = "base-fingerprint"
 SERVER_ROUND = "server-round"
-STATE_ROOT = "state-root"
 NUM_EXAMPLES = "num-examples"  # Flower's ``weighted_by_key``
-SAMPLES = "samples"
-TOKENS = "tokens"
 TRAIN_LOSS = "train_loss"
-WALL_S = "wall_s"
 STEPS = "steps"
 DECLINED = "declined"
 EPSILON = "epsilon"
@@ -207,26 +205,18 @@ class TrainRequest:
         The round number.
     arrays : ArrayRecord
         The current shared adapter tensors.
-    state_root : str
-        Simulation only: the folder under which virtual contributors keep their state ("" when deployed).
     """
 
     campaign_toml: str
     base_fingerprint: str
     server_round: int
     arrays: ArrayRecord
-    state_root: str = ""
 
     @classmethod
     def of(
-        cls,
-        cfg: CampaignConfig,
-        base_fingerprint: str,
-        server_round: int,
-        arrays: Mapping[str, np.ndarray],
-        state_root: str = "",
+        cls, cfg: CampaignConfig, base_fingerprint: str, server_round: int, arrays: Mapping[str, np.ndarray]
     ) -> TrainRequest:
-        return cls(cfg.to_toml(), base_fingerprint, server_round, arrays_to_record(arrays), state_root)
+        return cls(cfg.to_toml(), base_fingerprint, server_round, arrays_to_record(arrays))
 
     def config(self) -> ConfigRecord:
         """The ``config`` record (what ``Strategy.configure_train`` takes next to :attr:`arrays`)."""
@@ -235,7 +225,6 @@ class TrainRequest:
                 CAMPAIGN_TOML: self.campaign_toml,
                 BASE_FINGERPRINT: self.base_fingerprint,
                 SERVER_ROUND: self.server_round,
-                STATE_ROOT: self.state_root,
             }
         )
 
@@ -251,7 +240,6 @@ class TrainRequest:
             base_fingerprint=_field(config, BASE_FINGERPRINT, str, where),
             server_round=_field(config, SERVER_ROUND, int, where),
             arrays=_part(content, ARRAYS, ArrayRecord, where),
-            state_root=_field(config, STATE_ROOT, str, where, ""),
         )
 
     def campaign(self) -> CampaignConfig:
@@ -267,29 +255,26 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class TrainReport:
-    """What a contributor did in a round (the ``metrics`` record of a train or ``masked_input`` reply).
+    """What a contributor says about a round (the ``metrics`` record of a train or ``masked_input`` reply).
 
-    ``num_examples`` is the weight the coordinator assigned (``local_steps × batch_size``), never the size of a
-    Poisson draw, so the weight says nothing about the data; ``samples`` is what was actually drawn.
+    Only values that are assigned or coarse: ``num_examples`` is the weight the coordinator assigned
+    (``local_steps × batch_size``), never the size of a Poisson draw; ``steps`` the assigned local steps;
+    ``train_loss`` the mean train loss clipped and rounded to a public grid; ``epsilon`` the ε spent so far,
+    rounded up to a public grid (:mod:`fedtune.privacy.release`). No token or sample count, shard size or wall
+    time: those are functions of the private data (the coordinator times the round trip itself).
     """
 
     num_examples: int
-    samples: int
-    tokens: int
-    train_loss: float
-    wall_s: float
     steps: int
+    train_loss: float
     epsilon: float | None = None  # ε spent so far, when the contributor trains with DP-SGD
 
     def to_record(self) -> MetricRecord:
         return MetricRecord(
             {
                 NUM_EXAMPLES: self.num_examples,
-                SAMPLES: self.samples,
-                TOKENS: self.tokens,
-                TRAIN_LOSS: self.train_loss,
-                WALL_S: self.wall_s,
                 STEPS: self.steps,
+                TRAIN_LOSS: self.train_loss,
                 DECLINED: 0,
                 **({} if self.epsilon is None else {EPSILON: self.epsilon}),
             }
@@ -299,15 +284,12 @@ class TrainReport:
     def from_record(cls, record: MetricRecord, where: str = METRICS) -> TrainReport:
         report = cls(
             num_examples=_field(record, NUM_EXAMPLES, int, where),
-            samples=_field(record, SAMPLES, int, where),
-            tokens=_field(record, TOKENS, int, where),
-            train_loss=_field(record, TRAIN_LOSS, float, where),
-            wall_s=_field(record, WALL_S, float, where),
             steps=_field(record, STEPS, int, where),
+            train_loss=_field(record, TRAIN_LOSS, float, where),
             epsilon=_field(record, EPSILON, float, where, None),
         )
-        if report.num_examples <= 0 or min(report.samples, report.tokens, report.steps) < 0 or report.wall_s < 0:
-            raise WireError(f"{where}: negative counts or a non-positive {NUM_EXAMPLES!r}")
+        if report.num_examples <= 0 or report.steps < 0:
+            raise WireError(f"{where}: a negative {STEPS!r} or a non-positive {NUM_EXAMPLES!r}")
         return report
 
 
@@ -337,11 +319,15 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class Decline:
-    """A contributor's refusal to train this round (foreign base, spent budget, ...), with its reason."""
+    """A contributor's refusal to train this round (foreign base, policy, spent budget, ...), with its reason.
+
+    The reason names no private number (the contributor keeps the details); ``epsilon`` is the coarse ε spent so
+    far, when the contributor declines for its budget.
+    """
 
     reason: str
     contributor: ContributorInfo
-    epsilon: float | None = None  # ε spent so far, when the contributor keeps a DP budget
+    epsilon: float | None = None
 
     def content(self) -> RecordDict:
         metrics = {DECLINED: 1, NUM_EXAMPLES: 0} | ({} if self.epsilon is None else {EPSILON: self.epsilon})

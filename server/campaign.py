@@ -97,9 +97,10 @@ def round_row(server_round: int, result: RoundResult, evaluation: Mapping[str, f
 
     ``participants`` are the included contributors (their input is in the applied aggregate), ``failed``
     everyone sampled who is neither included nor declined (errors, no reply, a round not applied);
-    ``examples``/``tokens`` are what the included contributors reported. The driver adds its own fields
-    (SecAgg+: ``secure_aggregation``, ``survivors``, ``secagg_stage_s``); ``abort_reason`` says why a round
-    applied nothing; ``epsilon``/``epsilon_max`` appear when contributors train with DP-SGD.
+    ``examples`` is the work assigned to the included contributors (they report no token counts). The driver
+    adds its own fields (SecAgg+: ``secure_aggregation``, ``survivors``, ``secagg_stage_s``); ``abort_reason``
+    says why a round applied nothing; ``epsilon``/``epsilon_max`` (coarse, as reported) appear when
+    contributors train with DP-SGD.
     """
     included = [o for o in result.outcomes if o.status == "included"]
     declined = sum(o.status == "declined" for o in result.outcomes)
@@ -113,7 +114,6 @@ def round_row(server_round: int, result: RoundResult, evaluation: Mapping[str, f
         "declined": declined,
         "failed": len(result.cohort) - len(included) - declined,
         "examples": sum(o.report.num_examples for o in included if o.report is not None),
-        "tokens": sum(o.report.tokens for o in included if o.report is not None),
         "bytes_down": result.bytes_down,
         "bytes_up": result.bytes_up,
         "round_trip_s": result.round_trip_s,
@@ -202,9 +202,7 @@ class CampaignServer:
         """One round: the driver samples, exchanges and aggregates; then evaluate, checkpoint, credit, record."""
         start = time.perf_counter()
         current = trainable_arrays(self.model)
-        request = TrainRequest.of(
-            self.cfg, self.fingerprint, server_round, current, str(self.run_dir.root / "contributors")
-        )
+        request = TrainRequest.of(self.cfg, self.fingerprint, server_round, current)
         result = self.driver.run(grid, strategy, request)
         stop_if_hopeless(server_round, result.outcomes)  # every contributor failed the same way: stop, record nothing
         if result.arrays is not None:

@@ -1,4 +1,9 @@
-"""``fedtune simulate``: the whole campaign on one machine in Flower's simulation engine."""
+"""``fedtune simulate``: the whole campaign on one machine in Flower's simulation engine.
+
+The launcher plays the contributors' side too: it writes each virtual contributor's own policy file and tells the
+ClientApps where their state dirs are (``RUN/contributors/sim-NNN``) through the environment of this process,
+which the Ray actors inherit. No message from the ServerApp can move a contributor's state or change its policy.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 
 from flwr.clientapp import ClientApp
 
+from fedtune.clients.policy import SIMULATION_STATE_ROOT_ENV, prepare_simulated_contributors
 from fedtune.config import CampaignConfig
 from fedtune.rundir import RunDir
 
@@ -45,6 +51,9 @@ def simulate(
     if not verbose:
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    contributors = run_dir.root / "contributors"
+    prepare_simulated_contributors(cfg, contributors)
+    os.environ[SIMULATION_STATE_ROOT_ENV] = str(contributors)  # before Ray starts: its workers inherit it
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sim = cfg.simulation

@@ -13,7 +13,8 @@ Threat
     A sampled node may answer with an error, with a malformed reply (:class:`~fedtune.wire.WireError`), with a
     decline, or not at all; each puts it out of the round with a reason, and only nodes whose input is in the
     applied aggregate are ``included`` (credited). A contributor's claimed example count never weighs more than
-    the server assigned.
+    the server assigned. Contributors report no wall time (it is a function of their data): the time the ledger
+    checks is the coordinator's own measurement, from sending a node its training message to receiving its reply.
 
 Pitfalls
     The first thing that goes wrong for a node is its fate; later ones are ignored. A node whose input is in
@@ -71,9 +72,11 @@ class NodeOutcome:
     report : TrainReport, optional
         What it trained, when its input reached the aggregation.
     epsilon : float, optional
-        The ε it reported spent so far.
+        The (coarse) ε it reported spent so far.
     error : bool
         It answered with an error (its ClientApp raised), as opposed to no reply or a refused reply.
+    reply_s : float, optional
+        Seconds from sending its training message to receiving its reply, measured by the coordinator.
     """
 
     node_id: int
@@ -83,11 +86,13 @@ class NodeOutcome:
     report: TrainReport | None = None
     epsilon: float | None = None
     error: bool = False
+    reply_s: float | None = None
 
     @property
     def reported_wall_s(self) -> float | None:
-        """The wall time an included node reported (stored and checked by the ledger, never paid)."""
-        return self.report.wall_s if self.status == "included" and self.report is not None else None
+        """The time the ledger checks for an included node (stored and checked, never paid): the coordinator's
+        own measurement of its training exchange, an upper bound of the time it trained."""
+        return self.reply_s if self.status == "included" else None
 
 
 @dataclass
@@ -190,6 +195,7 @@ class NodeFates:
         self.epsilon: dict[int, float] = {}
         self.inputs: dict[int, TrainReport] = {}  # in the aggregate, if the round applies
         self.errors: set[int] = set()  # answered with an error (the ClientApp raised)
+        self.reply_s: dict[int, float] = {}  # send -> reply of each node's first (training) exchange
 
     def active(self) -> set[int]:
         """Cohort members with no fate yet."""
@@ -284,6 +290,7 @@ class NodeFates:
                     self.who.get(node),
                     self.inputs.get(node),
                     self.epsilon.get(node),
+                    reply_s=self.reply_s.get(node),
                     error=node in self.errors,
                 )
             )
@@ -291,20 +298,28 @@ class NodeFates:
 
 
 def send_and_receive(
-    grid: Grid, messages: list[Message], timeout: float, first_poll_s: float = 0.005, max_poll_s: float = 0.1
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    first_poll_s: float = 0.005,
+    max_poll_s: float = 0.1,
+    arrivals: dict[int, float] | None = None,
 ) -> list[Message]:
     """``Grid.send_and_receive`` (same push, pull and timeout) polling from every 5 ms, backing off to 100 ms.
 
     Why: Flower's grids sleep a fixed interval between pulls (0.1 s in simulation, 3 s on the deployment
     grid), which a one-exchange round pays once but SecAgg+ pays in each of its four protocol-only stages,
     whose replies come back within milliseconds. The back-off keeps long (training) exchanges at Flower's
-    simulation polling rate.
+    simulation polling rate. ``arrivals`` (optional) receives each replying node's seconds from push to pull.
     """
+    sent = time.monotonic()
     pending = set(grid.push_messages(messages))
-    end, wait, replies = time.monotonic() + timeout, first_poll_s, []
+    end, wait, replies = sent + timeout, first_poll_s, []
     while pending:
         got = list(grid.pull_messages(pending))
         replies += got
+        if arrivals is not None:
+            arrivals.update({m.metadata.src_node_id: time.monotonic() - sent for m in got})
         pending -= {m.metadata.reply_to_message_id for m in got}
         left = end - time.monotonic()
         if not pending or left <= 0:
@@ -315,8 +330,14 @@ def send_and_receive(
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, fates: NodeFates, label: str) -> list[Message]:
-    """Send ``messages`` and collect the replies; a node that does not answer in time is dropped."""
-    replies = send_and_receive(grid, messages, timeout)
+    """Send ``messages`` and collect the replies; a node that does not answer in time is dropped.
+
+    The first exchange of a round (the one that trains) times each reply for :attr:`NodeOutcome.reply_s`.
+    """
+    arrivals: dict[int, float] = {}
+    replies = send_and_receive(grid, messages, timeout, arrivals=arrivals)
+    for node, seconds in arrivals.items():
+        fates.reply_s.setdefault(node, seconds)
     answered = {m.metadata.src_node_id for m in replies}
     for msg in messages:
         if msg.metadata.dst_node_id not in answered:

@@ -25,9 +25,51 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
     )
 
 
+def policy_changes(args: argparse.Namespace) -> dict[str, object]:
+    """What ``join``'s policy flags set in the contributor's ``policy.toml`` (``None``: keep the file's value).
+
+    DP is required unless this start says ``--allow-no-dp``; every other flag, when given, updates the file.
+    """
+    return {
+        "require_dp": not args.allow_no_dp,
+        "max_epsilon": args.max_epsilon,
+        "min_noise_multiplier": args.min_noise_multiplier,
+        "max_delta": args.max_delta,
+        "accountant": args.accountant,
+        "min_shard_size": args.min_shard_size,
+        "secure_mode": args.secure_mode,
+        "require_secagg": args.require_secagg,
+        "secagg_min_cohort": args.secagg_min_cohort,
+        "secagg_security_bits": args.secagg_security_bits,
+        "secagg_max_corrupt_fraction": args.secagg_max_corrupt_fraction,
+        "secagg_max_dropout_fraction": args.secagg_max_dropout_fraction,
+    }
+
+
+def write_join_policy(args: argparse.Namespace) -> str | None:
+    """Check the local-only switches and write the contributor's policy file; an error line, or ``None``."""
+    import os
+
+    from fedtune.clients.policy import SIMULATION_SEED_ENV, PolicyError, update_policy_file
+    from fedtune.clients.trainer import secure_mode_missing
+
+    if SIMULATION_SEED_ENV in os.environ:
+        return f"{SIMULATION_SEED_ENV} is set: it makes batches and noise reproducible, for simulations only; unset it"
+    try:
+        policy = update_policy_file(Path(args.state_dir).expanduser().resolve(), policy_changes(args))
+    except (PolicyError, OSError) as exc:
+        return str(exc)
+    if policy.secure_mode and (missing := secure_mode_missing()) is not None:
+        return missing
+    return None
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from fedtune.clients.join import JoinOptions, run_join
 
+    if (error := write_join_policy(args)) is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     opts = JoinOptions(
         coordinator=args.coordinator,
         state_dir=Path(args.state_dir),
@@ -104,7 +146,35 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     jo.add_argument("--root-cert", help="the coordinator's CA certificate (ca.pem)")
     jo.add_argument("--name", help="display name in the credit ledger")
     jo.add_argument("--team", help="team name in the credit ledger")
-    jo.add_argument("--max-epsilon", type=float, help="lifetime privacy budget ε this contributor accepts")
+    policy = jo.add_argument_group(
+        "privacy policy", "what this contributor accepts, kept in STATE_DIR/policy.toml (a flag given updates it)"
+    )
+    policy.add_argument("--max-epsilon", type=float, help="the most ε this contributor will ever spend (default 8)")
+    policy.add_argument(
+        "--allow-no-dp", action="store_true", help="also train for campaigns without DP-SGD (default: decline them)"
+    )
+    policy.add_argument("--min-noise-multiplier", type=float, help="decline a smaller DP-SGD noise σ (default 0.3)")
+    policy.add_argument("--max-delta", type=float, help="decline a larger δ (default 1e-5)")
+    policy.add_argument("--accountant", choices=["prv", "rdp"], help="the accountant ε is computed with (default prv)")
+    policy.add_argument("--min-shard-size", type=int, help="decline training on fewer records (default 32)")
+    policy.add_argument(
+        "--secure-mode",
+        action=argparse.BooleanOptionalAction,
+        help="Opacus' secure mode (needs torchcsprng; default off)",
+    )
+    policy.add_argument(
+        "--require-secagg",
+        action=argparse.BooleanOptionalAction,
+        help="train only in secure-aggregation rounds (default off)",
+    )
+    policy.add_argument("--secagg-min-cohort", type=int, help="smallest secure-aggregation cohort (default 3)")
+    policy.add_argument("--secagg-security-bits", type=int, help="SecAgg+ security parameter κ (default 40)")
+    policy.add_argument(
+        "--secagg-max-corrupt-fraction", type=float, help="γ: cohort fraction assumed to collude (default 0.2)"
+    )
+    policy.add_argument(
+        "--secagg-max-dropout-fraction", type=float, help="cohort fraction assumed to drop out (default 0.2)"
+    )
     jo.add_argument("--insecure", action="store_true", help="dial without TLS (only with an --insecure coordinator)")
     jo.add_argument("--port", type=int, default=9094, help="local port of the SuperNode (one per node on a host)")
     jo.add_argument("--partition-id", type=int, default=0, help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ sequence's gradient and adds Gaussian noise, and one Opacus accountant covers th
 participation, not a single round. One job per module:
 
 - :mod:`~fedtune.privacy.params`: the ``[privacy]`` parameters, δ and the Poisson sampling rate;
+- :mod:`~fedtune.privacy.release`: the coarsened figures a contributor may report besides its noised update;
 - :mod:`~fedtune.privacy.accounting`: one-time calibration, the accountant persisted in the contributor's
   state dir, ε queries and the budget check (:class:`ContributorPrivacy`);
 - :mod:`~fedtune.privacy.dpsgd`: Opacus' wrappers for a private step and its ``DPDataLoader``;
@@ -38,9 +39,23 @@ from .dpsgd import (
     poisson_loader,
     trainable_parameters,
 )
-from .params import AccountantKind, GradSampleMode, Mechanism, PrivacyParams, default_delta, sample_rate_for
+from .params import (
+    DEFAULT_DELTA,
+    AccountantKind,
+    GradSampleMode,
+    Mechanism,
+    PrivacyParams,
+    delta_fits,
+    resolve_delta,
+    sample_rate_for,
+)
+from .release import EPSILON_STEP, LOSS_MAX, LOSS_STEP, coarse_epsilon, coarse_loss
 
 __all__ = [
+    "DEFAULT_DELTA",
+    "EPSILON_STEP",
+    "LOSS_MAX",
+    "LOSS_STEP",
     "STATE_FILE",
     "SUMMARY_FILE",
     "AccountantKind",
@@ -53,11 +68,14 @@ __all__ = [
     "batch_rows",
     "calibrate_noise",
     "clip_update",
-    "default_delta",
+    "coarse_epsilon",
+    "coarse_loss",
+    "delta_fits",
     "enable_dp_gradient_checkpointing",
     "epsilon_of",
     "make_private",
     "poisson_loader",
+    "resolve_delta",
     "restore_accountant",
     "sample_rate_for",
     "trainable_parameters",

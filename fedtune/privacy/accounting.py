@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune.files import atomic_write_text
 
-from .params import AccountantKind, PrivacyParams, default_delta, require, sample_rate_for
+from .params import AccountantKind, PrivacyParams, require, resolve_delta, sample_rate_for
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -234,7 +234,7 @@ class ContributorPrivacy:
                 rounds=int(state["rounds"]),
                 state_dir=state_dir,
             )
-        delta = params.target_delta if params.target_delta is not None else default_delta(shard_size)
+        delta = resolve_delta(params.target_delta)
         horizon = local_steps * params.planned_rounds
         noise = (
             calibrate_noise(params.target_epsilon, delta, sample_rate, horizon, params.accountant)

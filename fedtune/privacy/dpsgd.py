@@ -180,6 +180,7 @@ def make_private(
     expected_batch_size: float,
     grad_sample_mode: GradSampleMode = "hooks",
     noise_generator: torch.Generator | None = None,
+    secure_mode: bool = False,
 ) -> PrivateRun:
     """Wrap a model and its optimizer for DP-SGD with a given noise multiplier (no accounting here).
 
@@ -200,6 +201,10 @@ def make_private(
         ``"hooks"`` or ``"ghost"``.
     noise_generator
         Source of the Gaussian noise, on the trainable parameters' device; ``None`` uses torch's global one.
+    secure_mode
+        Opacus' noise that resists floating-point attacks (each draw is the sum of 4 Gaussians, halved;
+        Mironov 2012, Holohan et al. 2021). Its other half, a cryptographically secure generator, is the
+        caller's: :meth:`fedtune.clients.trainer.Randomness.csprng`.
 
     Returns
     -------
@@ -240,6 +245,7 @@ def make_private(
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=noise_generator,
+        secure_mode=secure_mode,
     )
     module.forbid_grad_accumulation()  # type: ignore[operator]
     run = PrivateRun(module, dp_optimizer, grad_sample_mode, device)

@@ -1,15 +1,20 @@
 """The privacy parameters of a round: what the campaign asks for, bounded by the contributor's own cap.
 
 Job: validate the ``[privacy]`` section into :class:`PrivacyParams`, and derive the two numbers the accounting
-rests on, δ (:func:`default_delta`) and the Poisson sampling rate (:func:`sample_rate_for`).
+rests on, δ (:data:`DEFAULT_DELTA` unless the campaign names one) and the Poisson sampling rate
+(:func:`sample_rate_for`).
 
 Threat: the coordinator sends the campaign config, so it chooses these values. Nothing here trusts them further
 than the contributor does: the budget actually spent is the stricter of the campaign's target and the
-contributor's own ``personal_max_epsilon``, and unknown or out-of-range values are refused, not defaulted.
+contributor's own cap (its policy, :mod:`fedtune.clients.policy`), and unknown or out-of-range values are
+refused, not defaulted.
 
 Pitfalls:
 
-- δ must stay well below ``1/n``: a mechanism that publishes one random record is (0, 1/n)-DP;
+- δ must stay well below ``1/n``: a mechanism that publishes one random record is (0, 1/n)-DP. δ used to be
+  derived from the shard size (``1/(10 n)``), which put ``n`` in every reported (ε, δ); it is now a public
+  value (the campaign's, or :data:`DEFAULT_DELTA`) and the contributor checks ``δ ≤ 1/(10 n)`` itself
+  (:func:`delta_fits`);
 - the sampling rate is ``batch_size / n``, what the accountant assumes, not ``1 / len(loader)`` (what Opacus'
   ``PrivacyEngine`` derives), which differs unless the batch size divides ``n``.
 """
@@ -43,7 +48,7 @@ class PrivacyParams:
     target_epsilon
         Campaign ε for a contributor's whole planned participation; the noise multiplier is calibrated to it.
     target_delta
-        δ; ``None`` picks :func:`default_delta` from the shard size.
+        δ; ``None`` means :data:`DEFAULT_DELTA` (public, never derived from the shard).
     max_grad_norm
         Per-sample gradient L2 bound C.
     accountant
@@ -103,9 +108,10 @@ class PrivacyParams:
     ) -> PrivacyParams:
         """Build from the campaign's ``[privacy]`` section (``fedtune.config.PrivacySection``).
 
-        The section writes "derive it" as 0: ``delta = 0`` means :func:`default_delta`, ``planned_rounds = 0``
+        The section writes "derive it" as 0: ``delta = 0`` means :data:`DEFAULT_DELTA`, ``planned_rounds = 0``
         the campaign's rounds, ``update_clip_norm = 0`` no update clipping. Its ``personal_max_epsilon`` is a
-        per-partition table for simulation, so the contributor's own cap is passed in separately.
+        per-partition table that only the simulation launcher reads (it writes it into the virtual contributors'
+        policies); the contributor's own cap is passed in separately.
         """
         return cls(
             mechanism=section.mechanism,
@@ -132,24 +138,27 @@ class PrivacyParams:
         return min(self.target_epsilon, self.personal_max_epsilon)
 
 
-def default_delta(shard_size: int) -> float:
-    """δ = min(1e-5, 1 / (10 n)).
+DEFAULT_DELTA = 1e-5
+"""δ when the campaign leaves it to fedtune (``delta = 0``): public, the same for every contributor."""
 
-    δ must be well below 1/n (a mechanism that publishes one random record is (0, 1/n)-DP); 1e-5 is the
-    customary ceiling for larger shards, so the stricter of the two is used.
+
+def resolve_delta(target_delta: float | None) -> float:
+    """The δ a contributor calibrates and reports at: the campaign's, else :data:`DEFAULT_DELTA`."""
+    return DEFAULT_DELTA if target_delta is None else target_delta
+
+
+def delta_fits(delta: float, shard_size: int) -> bool:
+    """Whether δ ≤ 1/(10 n): δ must stay well below 1/n, or publishing one random record would satisfy it.
 
     Parameters
     ----------
+    delta
+        The δ the guarantee is stated at.
     shard_size
         Number of records ``n`` in the contributor's shard.
-
-    Returns
-    -------
-    float
-        The δ to calibrate and report ε at.
     """
     require(shard_size >= 1, "shard_size must be >= 1")
-    return min(1e-5, 1.0 / (10 * shard_size))
+    return delta * 10 * shard_size <= 1.0
 
 
 def sample_rate_for(batch_size: int, shard_size: int) -> float:

@@ -1,7 +1,9 @@
 """End-to-end tier: whole campaigns, run the way a user runs them (``python -m fedtune.cli simulate``).
 
 :class:`Campaigns` is the one way these tests start a simulated campaign; ``plain_run`` is the session's shared
-2-round, 3-contributor plain FedAvg campaign that several files read (run once per session).
+2-round, 3-contributor plain FedAvg campaign that several files read (run once per session). Every simulated
+campaign here sets the local-only reproducibility switch (``FEDTUNE_SIMULATION_SEED``), so that a secure and a
+plain run of the same campaign draw the same batches and can be compared round for round.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+
+from fedtune.clients.policy import SIMULATION_SEED_ENV
 
 from ..conftest import small_campaign
 
@@ -50,7 +54,7 @@ class Campaigns:
             capture_output=True,
             text=True,
             timeout=timeout_s,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, SIMULATION_SEED_ENV: "0", **(env or {})},
         )
         self.last = proc
         assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]

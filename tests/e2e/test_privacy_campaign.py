@@ -1,9 +1,10 @@
 """DP in a whole simulated campaign: a contributor with a small personal budget declines once the next round
-would pass it, keeps declining after its processes are restarted, never reports ε above it, and the campaign
-completes with the others."""
+would pass it, keeps declining after its processes are restarted, never reports ε above it (on the coarse grid ε
+leaves a contributor on), and the campaign completes with the others."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import tomli_w
 from fedtune.config import CampaignConfig
 from fedtune.ml.data import load_shard
 from fedtune.ml.model import load_base
-from fedtune.privacy import ContributorPrivacy, PrivacyParams
+from fedtune.privacy import ContributorPrivacy, PrivacyParams, coarse_epsilon
 from fedtune.rundir import RunDir
 
 from ..conftest import small_campaign
@@ -57,13 +58,16 @@ def test_personal_budget_is_never_exceeded_across_restarts(tmp_path: Path, campa
     rows = RunDir(run).read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     spent = [r["epsilon"]["sim-000"] for r in rows[1:]]
-    assert spent[0] == pytest.approx(spent[-1]) and max(spent) <= cap  # trained once, then declined
+    assert spent[0] == pytest.approx(spent[-1]) and max(spent) <= coarse_epsilon(cap)  # trained once, then declined
+    assert all(e == coarse_epsilon(e) for e in spent)  # ε leaves on its coarse grid only
     assert [r["declined"] for r in rows[1:]] == [0, 1, 1, 1]
     assert all(r["applied"] and r["participants"] == 2 for r in rows[2:])  # the others carried the campaign
     others = [r["epsilon"]["sim-001"] for r in rows[1:]]
     assert others == sorted(others) and others[-1] > others[0] and others[-1] <= 8.0
     state = run / "contributors"
     assert len(list(state.glob("*/privacy.json"))) == 3
+    exact = json.loads((state / "sim-000" / "privacy.json").read_text())["epsilon_spent"]
+    assert exact <= cap < coarse_epsilon(cap) + 1e-9 and spent[0] == coarse_epsilon(exact)
     from fedtune.credit.ledger import Ledger, default_url
 
     with Ledger.open(default_url(run)) as ledger:

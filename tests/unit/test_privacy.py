@@ -18,6 +18,7 @@ from fedtune.ml.data import TokenizedSet
 from fedtune.ml.losses import per_sequence_loss
 from fedtune.ml.tiny import TINY_LLAMA, builtin_path
 from fedtune.privacy import (
+    DEFAULT_DELTA,
     STATE_FILE,
     SUMMARY_FILE,
     ContributorPrivacy,
@@ -27,7 +28,7 @@ from fedtune.privacy import (
     batch_rows,
     calibrate_noise,
     clip_update,
-    default_delta,
+    delta_fits,
     enable_dp_gradient_checkpointing,
     make_private,
     poisson_loader,
@@ -207,6 +208,29 @@ def test_ghost_norms_and_clipped_gradient_match_hooks_and_brute_force(model_path
     assert relative_error(summed["ghost"], summed["hooks"]) < REL_TOL
 
 
+def test_secure_mode_reaches_opacus_noise(model_path: Path) -> None:
+    """``secure_mode`` makes Opacus draw each noise value as 4 Gaussians summed and halved: same σ·C, other values."""
+    moved = {}
+    for secure in (False, True):
+        model = lora_model(model_path)
+        before = weights(model)
+        run = make_private(
+            model,
+            torch.optim.SGD([p for _, p in trainable(model)], lr=1.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=1,
+            noise_generator=torch.Generator().manual_seed(0),
+            secure_mode=secure,
+        )
+        run.empty_step()  # a noise-only step: the update is minus the noise
+        run.close()
+        moved[secure] = weights(model) - before
+    assert not torch.equal(moved[False], moved[True])
+    for delta in moved.values():
+        assert delta.numel() > 10_000 and abs(float(delta.std()) - 1.0) < 0.05
+
+
 def test_non_reentrant_checkpointing_is_refused(model_path: Path) -> None:
     model = lora_model(model_path)
     model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -373,7 +397,7 @@ def test_epsilon_after_rounds_matches_independent_opacus_accountant(
         privacy, ok, reason = train_round(tmp_path, params, model, shard, seed=round_)
         assert ok, reason
     privacy = ContributorPrivacy.load(tmp_path, params, shard_size=SHARD, batch_size=BATCH, local_steps=LOCAL_STEPS)
-    q, delta = sample_rate_for(BATCH, SHARD), default_delta(SHARD)
+    q, delta = sample_rate_for(BATCH, SHARD), DEFAULT_DELTA
     noise = get_noise_multiplier(
         target_epsilon=4.0, target_delta=delta, sample_rate=q, steps=LOCAL_STEPS * 4, accountant=kind
     )
@@ -523,7 +547,7 @@ def test_without_dp_a_personal_budget_declines(tmp_path: Path) -> None:
 
 
 def test_params_validation_and_defaults() -> None:
-    assert default_delta(50) == 1e-5 and default_delta(1_000_000) == 1e-7
+    assert DEFAULT_DELTA == 1e-5 and delta_fits(1e-5, 10_000) and not delta_fits(1e-5, 10_001)
     assert PrivacyParams(target_epsilon=8.0, personal_max_epsilon=3.0).budget == 3.0
     assert PrivacyParams.from_mapping({"target_epsilon": 2.0, "accountant": "rdp"}).accountant == "rdp"
     with pytest.raises(ValueError, match="unknown"):

@@ -30,12 +30,12 @@ from ..conftest import small_campaign
 
 ARRAYS = {"a.lora_B": np.arange(12, dtype=np.float32).reshape(3, 4), "b.lora_B": np.ones(5, dtype=np.float32)}
 WHO = ContributorInfo("0123abcd", "alice", "team-x", 1e12)
-REPORT = TrainReport(num_examples=24, samples=22, tokens=1408, train_loss=3.25, wall_s=1.5, steps=3, epsilon=0.7)
+REPORT = TrainReport(num_examples=24, steps=3, train_loss=3.25, epsilon=0.75)
 HEADER = {"campaign_id": "test", "round": 2}
 
 
 def request() -> TrainRequest:
-    return TrainRequest.of(CampaignConfig.from_dict(small_campaign()), "f" * 64, 2, ARRAYS, "/runs/x/contributors")
+    return TrainRequest.of(CampaignConfig.from_dict(small_campaign()), "f" * 64, 2, ARRAYS)
 
 
 def without(content: RecordDict, record: str, key: str | None = None) -> RecordDict:
@@ -65,12 +65,8 @@ def same_arrays(a: ArrayRecord, b: ArrayRecord) -> bool:
 def test_train_request_round_trip() -> None:
     sent = request()
     got = TrainRequest.read(sent.content())
-    assert (got.campaign_toml, got.base_fingerprint, got.server_round, got.state_root) == (
-        sent.campaign_toml,
-        sent.base_fingerprint,
-        2,
-        "/runs/x/contributors",
-    )
+    assert (got.campaign_toml, got.base_fingerprint, got.server_round) == (sent.campaign_toml, sent.base_fingerprint, 2)
+    assert set(sent.config()) == {wire.CAMPAIGN_TOML, wire.BASE_FINGERPRINT, wire.SERVER_ROUND}  # no state path
     assert same_arrays(got.arrays, sent.arrays)
     assert got.campaign().to_toml() == CampaignConfig.from_dict(small_campaign()).to_toml()
 
@@ -80,8 +76,10 @@ def test_train_reply_and_contributor_round_trip() -> None:
     assert got.report == REPORT and got.contributor == WHO and same_arrays(got.arrays, arrays_to_record(ARRAYS))
     anonymous = ContributorInfo("0123abcd", "bob")  # no team, no declared peak
     assert ContributorInfo.from_record(anonymous.to_record()) == anonymous
-    quiet = TrainReport(24, 24, 1536, 3.0, 1.0, 3)  # no DP: no ε
+    quiet = TrainReport(24, 3, 3.0)  # no DP: no ε
     assert TrainReport.from_record(quiet.to_record()) == quiet and wire.EPSILON not in quiet.to_record()
+    # only assigned or coarse values: no token or sample count, no wall time
+    assert set(REPORT.to_record()) == {wire.NUM_EXAMPLES, wire.STEPS, wire.TRAIN_LOSS, wire.DECLINED, wire.EPSILON}
 
 
 def test_decline_round_trip_and_dispatch() -> None:
@@ -151,9 +149,9 @@ MALFORMED: dict[str, tuple[Callable[[], object], str]] = {
         lambda: TrainReply.read(without(REPLY, wire.CONTRIBUTOR)),
         "missing ConfigRecord 'contributor'",
     ),
-    "train reply without tokens": (lambda: TrainReply.read(without(REPLY, wire.METRICS, wire.TOKENS)), "'tokens'"),
-    "train reply with negative tokens": (
-        lambda: TrainReply.read(replaced(REPLY, wire.METRICS, wire.TOKENS, -5)),
+    "train reply without steps": (lambda: TrainReply.read(without(REPLY, wire.METRICS, wire.STEPS)), "'steps'"),
+    "train reply with negative steps": (
+        lambda: TrainReply.read(replaced(REPLY, wire.METRICS, wire.STEPS, -5)),
         "negative",
     ),
     "train reply with zero weight": (

@@ -1,0 +1,417 @@
+"""A malicious coordinator replays each attack of issue 10 on a contributor's privacy, against fedtune's own ClientApp.
+
+The coordinator is the adversary of each contributor's data (DESIGN.md): it may send any campaign, in any round,
+and any field in its messages. Every test here plays one attack with real Flower messages through the real
+handlers of :data:`fedtune.clients.app.app` (delivered by the in-process grid) and asserts that the contributor
+declines or is unaffected before it trains, that a refused round costs no ε, and that no private statistic leaves.
+
+Contributors are set up as ``fedtune join`` leaves them: a state dir named in the node config, holding an identity
+key and, where the test needs one, a hand-written ``policy.toml`` (the file a contributor edits).
+
+Attacks: batches and noise recomputed from the public seed; ``mechanism = "none"`` against a contributor with a
+cap; a raised target ε; a lower noise multiplier; a bigger δ; another accountant; a state folder named by the
+coordinator (and a renamed campaign to reset the budget); a SecAgg+ round whose parameters are bad, trained before
+they were checked; exact losses, token and sample counts, shard sizes and ε in the replies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomli_w
+from cryptography.hazmat.primitives import serialization
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedtune.clients.app import app
+from fedtune.clients.trainer import Randomness, train_local
+from fedtune.config import CampaignConfig
+from fedtune.ml.data import load_shard
+from fedtune.ml.model import base_fingerprint, build_model, load_trainable, trainable_arrays
+from fedtune.privacy import ContributorPrivacy, PrivacyParams
+from fedtune.secagg import QuantConfig, SecAggParams, SecAggServer, generate_identity
+from fedtune.server.campaign import round_row
+from fedtune.strategies.secure import SecureRound
+from fedtune.strategies.server_optimizer import build_strategy
+from fedtune.wire import CONFIG, SECAGG_WEIGHT_MAX, Decline, SecAggRequest, TrainRequest, secagg_message_type
+
+from ..conftest import small_campaign
+from .inprocess_grid import InProcessGrid
+
+PARTITIONS = 3
+DP = {"mechanism": "dp-sgd", "target_epsilon": 4.0, "planned_rounds": 4}
+FED = {"rounds": 4, "local_steps": 2, "batch_size": 4, "contributors_per_round": 3, "min_cohort": 2}
+SIM_STATE_ROOT, SIM_SEED = "FEDTUNE_SIMULATION_STATE_ROOT", "FEDTUNE_SIMULATION_SEED"
+ALLOWED_METRICS = {"num-examples", "steps", "train_loss", "declined", "epsilon"}  # assigned or coarse
+GRID = 0.25  # README: train loss and ε leave on a 0.25 grid
+
+
+def campaign(**privacy: Any) -> CampaignConfig:
+    return CampaignConfig.from_dict(small_campaign(privacy=DP | privacy, federation=FED))
+
+
+@pytest.fixture(scope="module")
+def start() -> dict[str, np.ndarray]:
+    """The shared adapter every request carries (the same LoRA shapes and FFA seed in every campaign here)."""
+    model, _ = build_model(campaign())
+    return trainable_arrays(model)
+
+
+@pytest.fixture(scope="module")
+def fingerprint() -> str:
+    return base_fingerprint(campaign().model)
+
+
+@dataclass
+class Contributor:
+    """A deployed contributor: its state dir and the grid node that delivers messages to fedtune's ClientApp."""
+
+    state: Path
+    grid: InProcessGrid
+    node: int = 1
+
+    def send(self, content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
+        msg = self.grid.create_message(content, message_type, self.node, "1")
+        (reply,) = self.grid.send_and_receive([msg])
+        return reply
+
+    def train(self, cfg: CampaignConfig, server_round: int, start: dict, fingerprint: str) -> Message:
+        return self.send(TrainRequest.of(cfg, fingerprint, server_round, start).content())
+
+    def steps_spent(self) -> int:
+        """DP-SGD steps in the contributor's accountant (0 when it never trained)."""
+        path = self.state / "privacy_state.json"
+        if not path.is_file():
+            return 0
+        return sum(int(steps) for *_, steps in json.loads(path.read_text())["accountant"]["history"])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        path = self.state / "rounds.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def setup_contributor(state: Path, partition: int = 0, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``fedtune join`` leaves: a state dir with an identity key (and a policy file); returns the node config."""
+    state.mkdir(parents=True, exist_ok=True)
+    key, _ = generate_identity()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (state / "identity.key").write_bytes(pem)
+    if policy is not None:
+        (state / "policy.toml").write_text(tomli_w.dumps(policy))
+    return {"state-dir": str(state), "partition-id": partition, "num-partitions": PARTITIONS}
+
+
+def contributor(state: Path, partition: int = 0, policy: dict[str, Any] | None = None, **node: Any) -> Contributor:
+    config = setup_contributor(state, partition, policy) | node
+    return Contributor(state, InProcessGrid(app, {1: config}))
+
+
+def is_decline(reply: Message) -> bool:
+    assert not reply.has_error(), reply.error.reason
+    return Decline.is_decline(reply.content)
+
+
+def declined_for(reply: Message, *words: str) -> str:
+    assert is_decline(reply), "trained instead of declining"
+    reason = Decline.read(reply.content).reason
+    assert all(w in reason for w in words), reason
+    return reason
+
+
+def adapter(reply: Message) -> dict[str, np.ndarray]:
+    assert not reply.has_error() and not Decline.is_decline(reply.content), "no trained reply"
+    return {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+
+
+def old_public_seed(cfg: CampaignConfig, server_round: int, partition: int) -> int:
+    """How batches and noise were seeded before issue 10: from values the coordinator knows."""
+    return cfg.campaign.seed * 1_000_003 + server_round * 1009 + partition
+
+
+def coordinator_replay(cfg: CampaignConfig, start: dict, randomness: Randomness, scratch: Path) -> dict:
+    """The coordinator recomputes partition 0's round: same base, shard and calibration, and the given randomness.
+
+    It knows everything but the contributor's randomness (the worst case: in simulation it even holds the shard).
+    """
+    model, tokenizer = build_model(cfg)
+    shard = load_shard(cfg, tokenizer, 0, PARTITIONS)
+    fed = cfg.federation
+    params = PrivacyParams.from_campaign(cfg.privacy, campaign_rounds=fed.rounds)
+    privacy = ContributorPrivacy.load(
+        scratch, params, shard_size=len(shard), batch_size=fed.batch_size, local_steps=fed.local_steps
+    )
+    load_trainable(model, start)
+    train_local(
+        model,
+        shard,
+        steps=fed.local_steps,
+        batch_size=fed.batch_size,
+        learning_rate=fed.learning_rate,
+        randomness=randomness,
+        privacy=privacy,
+    )
+    return trainable_arrays(model)
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def simulation_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The environment ``fedtune simulate`` gives its virtual contributors (set by the local launcher)."""
+    root = tmp_path / "sim-root"
+    monkeypatch.setenv(SIM_STATE_ROOT, str(root))
+    monkeypatch.delenv(SIM_SEED, raising=False)
+    yield root
+
+
+# -- 1. public-seed batch and noise reconstruction ---------------------------------------------------------
+
+
+def test_identical_public_inputs_draw_different_batches_and_noise(
+    tmp_path: Path, start: dict, fingerprint: str
+) -> None:
+    cfg = campaign()
+    one = contributor(tmp_path / "a").train(cfg, 1, start, fingerprint)
+    two = contributor(tmp_path / "b").train(cfg, 1, start, fingerprint)
+    assert not same(adapter(one), adapter(two)), "same campaign, round, partition and shard gave the same update"
+
+
+def test_coordinator_cannot_recompute_a_round_from_the_public_seed(
+    tmp_path: Path, start: dict, fingerprint: str, simulation_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = campaign()
+    reply = contributor(tmp_path / "deployed").train(cfg, 1, start, fingerprint)
+    public = coordinator_replay(cfg, start, Randomness.from_seed(old_public_seed(cfg, 1, 0)), tmp_path / "replay")
+    assert not same(adapter(reply), public), "the coordinator recomputed the batches and the noise"
+
+    # control: the replay is exact whenever the randomness is known, here through the local simulation switch
+    monkeypatch.setenv(SIM_SEED, "7")
+    simulated = Contributor(simulation_root, InProcessGrid(app, {1: {"partition-id": 0, "num-partitions": 3}}))
+    (simulation_root / "sim-000").mkdir(parents=True)
+    (simulation_root / "sim-000" / "policy.toml").write_text(tomli_w.dumps({"max_epsilon": 4.0}))
+    known = simulated.train(cfg, 1, start, fingerprint)
+    from fedtune.clients.app import round_randomness
+    from fedtune.clients.policy import ContributorPolicy
+
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    replay = coordinator_replay(cfg, start, round_randomness(ctx, ContributorPolicy(), 1, "cpu"), tmp_path / "r2")
+    assert same(adapter(known), replay), "the replay is not faithful, so the mismatch above would prove nothing"
+
+
+# -- 2. DP switched off by the coordinator -----------------------------------------------------------------
+
+
+def test_a_campaign_without_dp_is_declined_before_training(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    c = contributor(tmp_path / "c", **{"max-epsilon": 3.0})  # the contributor's own cap, as join passes it
+    reply = c.train(campaign(mechanism="none"), 1, start, fingerprint)
+    declined_for(reply, "without differential privacy")
+    assert c.steps_spent() == 0 and not (c.state / "privacy_state.json").exists()
+
+    no_cap = contributor(tmp_path / "d")  # no flag, no policy file: the default policy still requires DP
+    declined_for(no_cap.train(campaign(mechanism="none"), 1, start, fingerprint), "without differential privacy")
+
+
+# -- 3. the budget moved by the coordinator ------------------------------------------------------------------
+
+
+def test_a_raised_target_epsilon_is_declined_and_the_budget_never_grows(
+    tmp_path: Path, start: dict, fingerprint: str
+) -> None:
+    c = contributor(tmp_path / "c", policy={"max_epsilon": 50.0})
+    assert not is_decline(c.train(campaign(target_epsilon=2.0), 1, start, fingerprint))
+    spent = c.steps_spent()
+    assert spent == FED["local_steps"]
+    for raised in (4.0, 50.0):
+        declined_for(c.train(campaign(target_epsilon=raised), 2, start, fingerprint), "target ε", "above 2")
+    assert c.steps_spent() == spent
+
+
+def test_a_lower_noise_multiplier_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    c = contributor(tmp_path / "c", policy={"max_epsilon": 1000.0, "min_noise_multiplier": 0.3})
+    declined_for(c.train(campaign(target_epsilon=30.0), 1, start, fingerprint), "noise multiplier")
+    assert c.steps_spent() == 0
+
+
+def test_a_bigger_delta_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    c = contributor(tmp_path / "c")
+    declined_for(c.train(campaign(delta=1e-3), 1, start, fingerprint), "δ")
+    assert c.steps_spent() == 0
+    assert not is_decline(c.train(campaign(delta=1e-6), 1, start, fingerprint))
+    declined_for(c.train(campaign(delta=5e-6), 2, start, fingerprint), "δ 5e-06 above 1e-06")
+    assert c.steps_spent() == FED["local_steps"]
+
+
+def test_another_accountant_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    c = contributor(tmp_path / "c", policy={"accountant": "rdp"})
+    assert not is_decline(c.train(campaign(accountant="rdp"), 1, start, fingerprint))
+    declined_for(c.train(campaign(accountant="prv"), 2, start, fingerprint), "prv", "rdp")
+    assert c.steps_spent() == FED["local_steps"]
+    # what the switch would have bought the coordinator: PRV finds less ε in the same history, so more budget left
+    from opacus.accountants import create_accountant
+
+    history = json.loads((c.state / "privacy_state.json").read_text())["accountant"]
+    eps = {}
+    for kind in ("rdp", "prv"):
+        acct = create_accountant(mechanism=kind)
+        acct.load_state_dict({**history, "mechanism": kind})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eps[kind] = acct.get_epsilon(delta=1e-5)
+    assert eps["prv"] < eps["rdp"]
+
+
+# -- 4. the accountant at a path the coordinator names --------------------------------------------------------
+
+
+def test_a_state_folder_named_by_the_coordinator_is_ignored(
+    tmp_path: Path, start: dict, fingerprint: str, simulation_root: Path
+) -> None:
+    evil = tmp_path / "coordinator-chosen"
+    node = {"partition-id": 0, "num-partitions": PARTITIONS}  # a virtual contributor: no state-dir of its own
+    c = Contributor(simulation_root / "sim-000", InProcessGrid(app, {1: node}))
+    (c.state).mkdir(parents=True)
+    (c.state / "policy.toml").write_text(tomli_w.dumps({"max_epsilon": 8.0}))
+    content = TrainRequest.of(campaign(), fingerprint, 1, start).content()
+    content[CONFIG] = ConfigRecord({**dict(content[CONFIG].items()), "state-root": str(evil)})
+    assert not is_decline(c.send(content))
+    assert not evil.exists(), "the contributor wrote its state where the coordinator told it to"
+    assert c.steps_spent() == FED["local_steps"]
+
+
+def test_renaming_the_campaign_does_not_reset_the_budget(
+    tmp_path: Path, start: dict, fingerprint: str, simulation_root: Path
+) -> None:
+    node = {"partition-id": 0, "num-partitions": PARTITIONS}
+    c = Contributor(simulation_root / "sim-000", InProcessGrid(app, {1: node}))
+    c.state.mkdir(parents=True)
+    one_round = campaign(target_epsilon=1.0, planned_rounds=1)  # one round spends the whole budget
+    (c.state / "policy.toml").write_text(tomli_w.dumps({"max_epsilon": 1.0}))
+    first = TrainRequest.of(one_round, fingerprint, 1, start).content()
+    first[CONFIG] = ConfigRecord({**dict(first[CONFIG].items()), "state-root": str(tmp_path / "evil")})
+    assert not is_decline(c.send(first))
+    renamed = CampaignConfig.from_dict(
+        small_campaign(campaign={"name": "fresh-start"}, privacy=DP | {"target_epsilon": 1.0, "planned_rounds": 1})
+        | {"federation": FED}
+    )
+    again = TrainRequest.of(renamed, fingerprint, 2, start).content()
+    again[CONFIG] = ConfigRecord({**dict(again[CONFIG].items()), "state-root": str(tmp_path / "evil-2")})
+    declined_for(c.send(again), "ε budget")
+    assert c.steps_spent() == FED["local_steps"]
+
+
+# -- 5. SecAgg+ parameters checked only after training ------------------------------------------------------
+
+
+def test_bad_secagg_parameters_are_refused_before_training(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    cfg = CampaignConfig.from_dict(
+        small_campaign(privacy=DP, federation=FED, secure_aggregation={"protocol": "secagg+"})
+    )
+    c = contributor(tmp_path / "c")
+    n = sum(a.size for a in start.values()) + 1
+    bad = {
+        "not in the cohort": SecAggParams.create(cfg.campaign.name, 1, [7, 8, 9], n, QuantConfig(1.0, 16)),
+        "other quantization": SecAggParams.create(cfg.campaign.name, 1, [1, 8, 9], n, QuantConfig(1e-6, 16)),
+        "other campaign": SecAggParams.create("other", 1, [1, 8, 9], n, QuantConfig(1.0, 16)),
+    }
+    for case, params in bad.items():
+        msg = {**SecAggServer(params, {}).advertise_request(), SECAGG_WEIGHT_MAX: 8.0}
+        train = TrainRequest.of(cfg, fingerprint, 1, start)
+        reply = c.send(SecAggRequest(msg, train).content(), secagg_message_type("advertise"))
+        assert reply.has_error() or Decline.is_decline(reply.content), case
+        assert c.steps_spent() == 0, f"{case}: ε spent on a round whose SecAgg+ parameters were bad"
+
+
+# -- 6. un-noised private values in the replies --------------------------------------------------------------
+
+
+def numbers_in(reply: Message) -> list[float]:
+    out: list[float] = []
+    for record in reply.content.metric_records.values():
+        out += [float(v) for v in record.values() if isinstance(v, int | float)]
+    for record in reply.content.config_records.values():
+        for v in record.values():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out.append(float(v))
+            elif isinstance(v, str):
+                out += [float(x) for x in re.findall(r"\d+(?:\.\d+)?", v)]
+    return out
+
+
+def assert_nothing_private(reply: Message, private: dict[str, float]) -> None:
+    """Only assigned or coarse metrics, on their grids, and no exact private figure anywhere in the reply."""
+    for record in reply.content.metric_records.values():
+        assert set(record) <= ALLOWED_METRICS, sorted(set(record) - ALLOWED_METRICS)
+        for key in ("train_loss", "epsilon"):
+            if key in record:
+                assert float(record[key]) / GRID == round(float(record[key]) / GRID), (key, record[key])
+    found = numbers_in(reply)
+    for name, value in private.items():
+        assert not any(math.isclose(v, value, rel_tol=1e-9, abs_tol=1e-12) for v in found), f"{name}={value} sent"
+
+
+def private_figures(c: Contributor, cfg: CampaignConfig, partition: int = 0) -> dict[str, float]:
+    """The exact figures the contributor keeps to itself: its own log, and its shard size."""
+    _, tokenizer = build_model(cfg)
+    figures = {"shard size": float(len(load_shard(cfg, tokenizer, partition, PARTITIONS)))}
+    for row in c.rounds():
+        if not row.get("declined"):  # not the sample count: it may equal the assigned one by chance (keys check it)
+            figures |= {f"round {row['round']} {k}": float(row[k]) for k in ("tokens", "train_loss")}
+        if row.get("epsilon") is not None:
+            figures[f"round {row['round']} exact ε"] = float(row["epsilon"])
+    return figures
+
+
+def test_plain_replies_and_declines_carry_no_private_statistic(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    cfg = campaign(target_epsilon=2.0, planned_rounds=1)
+    c = contributor(tmp_path / "c", policy={"max_epsilon": 2.0})
+    trained = c.train(cfg, 1, start, fingerprint)
+    budget = c.train(cfg, 2, start, fingerprint)  # the planned participation is spent: a decline with ε
+    assert is_decline(budget) and Decline.read(budget.content).epsilon is not None
+    private = private_figures(c, cfg)
+    assert {"round 1 tokens", "round 1 train_loss", "round 1 exact ε"} <= set(private)
+    for reply in (trained, budget):
+        assert_nothing_private(reply, private)
+    declined_for(budget, "ε budget")
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every reply the coordinator receives."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[Message] = []
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        got = list(super().pull_messages(message_ids))
+        self.seen += got
+        return got
+
+
+def test_secure_round_replies_carry_no_private_statistic(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    cfg = CampaignConfig.from_dict(
+        small_campaign(privacy=DP, federation=FED, secure_aggregation={"protocol": "secagg+", "stage_timeout_s": 60.0})
+    )
+    states = {100 + p: tmp_path / f"c{p}" for p in range(PARTITIONS)}
+    grid = RecordingGrid(app, {node: setup_contributor(state, node - 100) for node, state in states.items()})
+    request = TrainRequest.of(cfg, fingerprint, 1, start)
+    result = SecureRound(cfg, tmp_path / "run").run(grid, build_strategy(cfg, PARTITIONS), request)
+    assert result.applied and len(result.outcomes) == PARTITIONS, result.abort_reason
+    row = round_row(1, result, {"eval_loss": 1.0}, 0.1)
+    assert "tokens" not in row and all(o.report is not None for o in result.outcomes)
+    private: dict[str, float] = {}
+    for node, state in states.items():
+        private |= {f"{node} {k}": v for k, v in private_figures(Contributor(state, grid), cfg, node - 100).items()}
+    assert any("tokens" in k for k in private)
+    assert len(grid.seen) >= 5 * PARTITIONS
+    for reply in grid.seen:
+        assert_nothing_private(reply, private)
