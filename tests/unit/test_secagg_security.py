@@ -36,7 +36,7 @@ class Round:
         self.params = SecAggParams.create(campaign, round_id, IDS, 32, QUANT, neighbours=4, threshold=3)
         self.server = SecAggServer(self.params, REGISTRY)
         self.clients = {
-            cid: SecAggClient(cid, key, REGISTRY, CAMPAIGN, round_id=client_round)
+            cid: SecAggClient(cid, key, CAMPAIGN, round_id=client_round)
             for cid, (key, _) in IDENTITIES.items()
         }
         self.inputs = {cid: np.full(32, 0.01 * cid, dtype=np.float32) for cid in IDS}
@@ -66,63 +66,71 @@ def _flip(data: bytes, index: int, bit: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("position", [0, 5, 11, 12, 40, -17, -1])  # nonce, body, tag
-def test_tampered_share_ciphertext_is_rejected(position: int) -> None:
+def test_tampered_share_ciphertext_is_not_kept_and_its_dealer_is_reported(position: int) -> None:
     rnd = Round()
     requests = rnd.run_until("masked_input")
     u = IDS[0]
     msg = dict(requests[u])
     msg["ciphertext"] = list(msg["ciphertext"])
     msg["ciphertext"][0] = _flip(msg["ciphertext"][0], position)
-    with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    reply = rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    assert reply["bad_dealers"] == [msg["src"][0]] and msg["src"][0] not in rnd.clients[u]._held
+    assert set(rnd.clients[u]._held) == set(msg["src"][1:])
 
 
-def test_share_ciphertext_relabelled_to_another_sender_is_rejected() -> None:
+def test_share_ciphertext_relabelled_to_another_sender_is_not_kept() -> None:
     rnd = Round()
     requests = rnd.run_until("masked_input")
     u = IDS[0]
     msg = dict(requests[u])
-    msg["src"] = list(reversed(msg["src"]))  # same ciphertexts, claimed to come from other neighbours
-    with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    msg["ciphertext"] = list(reversed(msg["ciphertext"]))  # same ciphertexts, claimed to come from other neighbours
+    reply = rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    assert reply["bad_dealers"] == sorted(msg["src"]) and not rnd.clients[u]._held
+
+
+def test_share_that_does_not_match_its_hash_is_not_kept() -> None:
+    rnd = Round()
+    requests = rnd.run_until("masked_input")
+    u = IDS[0]
+    msg = {**requests[u], "b_hash": [bytes(32), *requests[u]["b_hash"][1:]]}
+    reply = rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    assert reply["bad_dealers"] == [msg["src"][0]]
 
 
 def test_server_substituted_ephemeral_key_is_rejected_by_client() -> None:
     rnd = Round()
-    requests = rnd.run_until("share_keys")
+    requests = rnd.run_until("view")
     u = IDS[0]
     msg = dict(requests[u])
-    msg["c_pk"] = [rnd.clients[u]._c_key.public_bytes[::-1]] + list(msg["c_pk"][1:])  # type: ignore[union-attr]
+    msg["c_pk"] = [msg["c_pk"][0], msg["c_pk"][2][::-1], *msg["c_pk"][2:]]  # another member's key, substituted
     with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].share_keys(msg)
+        rnd.clients[u].sign_view(msg)
 
 
 def test_keys_signed_by_unregistered_identity_are_rejected_by_server() -> None:
     rnd = Round()
     impostor_key, _ = generate_identity()
-    impostor = SecAggClient(IDS[1], impostor_key, REGISTRY, CAMPAIGN)
+    impostor = SecAggClient(IDS[1], impostor_key, CAMPAIGN)
     forged = impostor.advertise_keys(rnd.server.advertise_request())
     with pytest.raises(SecAggCryptoError):
         rnd.server.receive_advertise(forged)
-    stranger = SecAggClient(999, impostor_key, REGISTRY, CAMPAIGN)
+    stranger = SecAggClient(999, impostor_key, CAMPAIGN)
     with pytest.raises(SecAggProtocolError):  # not in the cohort at all
         stranger.advertise_keys(rnd.server.advertise_request())
 
 
-def test_keys_signed_by_unregistered_identity_are_rejected_by_peer() -> None:
-    """Even if the server forwards a forged key, the neighbour checks it against the registry."""
+def test_keys_not_signed_by_the_listed_identity_are_rejected_by_peer() -> None:
+    """Even if the server forwards a forged key, every member checks it against the identity the view lists."""
     rnd = Round()
-    requests = rnd.run_until("share_keys")
+    requests = rnd.run_until("view")
     u = IDS[0]
     msg = dict(requests[u])
-    v = msg["ids"][0]
     impostor_key, _ = generate_identity()
-    forged = SecAggClient(v, impostor_key, REGISTRY, CAMPAIGN).advertise_keys(rnd.server.advertise_request())
-    msg["c_pk"] = [forged["c_pk"]] + list(msg["c_pk"][1:])
-    msg["s_pk"] = [forged["s_pk"]] + list(msg["s_pk"][1:])
-    msg["signature"] = [forged["signature"]] + list(msg["signature"][1:])
+    forged = SecAggClient(IDS[1], impostor_key, CAMPAIGN).advertise_keys(rnd.server.advertise_request())
+    for key in ("c_pk", "s_pk", "nonce_commit", "seed_commit", "signature"):
+        msg[key] = [msg[key][0], forged[key], *msg[key][2:]]
     with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].share_keys(msg)
+        rnd.clients[u].sign_view(msg)
 
 
 @pytest.mark.parametrize("field,value", [("round", 2), ("campaign_id", "campaign-B")])

@@ -35,7 +35,7 @@ def test_weighted_mean_and_total_weight_come_out_of_the_secure_sum() -> None:
     idents = {c: generate_identity() for c in vectors}
     registry = {c: pub for c, (_, pub) in idents.items()}
     params = SecAggParams.create("c", 1, vectors, len(vectors[1]), quant)
-    clients = {c: SecAggClient(c, key, registry, "c") for c, (key, _) in idents.items()}
+    clients = {c: SecAggClient(c, key, "c") for c, (key, _) in idents.items()}
     result = run_round(SecAggServer(params, registry), clients, vectors, {"masked_input": {3}})
     mean, weight = decode_mean(result.total, quant, len(result.survivors))
     kept = [i for i in range(5) if i + 1 in result.survivors]
@@ -116,8 +116,9 @@ def test_contributor_refuses_a_cohort_below_its_minimum() -> None:
         raise RuntimeError("stop before training")
 
     train = TrainRequest.of(cfg, "fingerprint", 1, {"b": np.zeros(3, dtype=np.float32)})
-    advertise = {"campaign_id": "test", "round": 1, "stage": "advertise", "cohort": [5, 9], "weight_max": 12.0}
+    params = SecAggParams.create("test", 1, [5, 9], 4, quant_config(cfg)).to_message()
+    advertise = {**params, "stage": "advertise", "weight_max": 12.0}
     message = SimpleNamespace(content=SecAggRequest(advertise, train).content())
     with pytest.raises(RuntimeError, match="stop before training"):
         handle_stage("advertise", trainer, message, _context())
-    assert seen == [(1, "secure-aggregation cohort of 2 is below the campaign minimum 3")]
+    assert seen == [(1, "secure-aggregation cohort of 2 is below this contributor's minimum 3")]
