@@ -318,16 +318,17 @@ class NeighbourGraph:
     def __init__(self, members: Sequence[int], degree: int, seed: bytes) -> None:
         ids = sorted(int(m) for m in members)
         # Order by a hash of the seed rather than a numpy RNG: clients may run other numpy versions.
-        order = sorted(ids, key=lambda c: hashlib.sha256(seed + _u64(c)).digest())
-        n, half = len(order), degree // 2
-        if degree >= n - 1:
-            self._nb = {c: frozenset(order) - {c} for c in order}
-        else:
-            self._nb = {
-                c: frozenset(order[(i + d) % n] for d in range(-half, half + 1) if d) for i, c in enumerate(order)
-            }
+        self._nb = self.ring(sorted(ids, key=lambda c: hashlib.sha256(seed + _u64(c)).digest()), degree)
         self._points = {c: i + 1 for i, c in enumerate(ids)}
         self.seed = seed
+
+    @staticmethod
+    def ring(order: Sequence[int], degree: int) -> dict[int, frozenset[int]]:
+        """The Harary ring: each member's ``degree / 2`` neighbours on either side in ``order`` (complete if n − 1)."""
+        n, half = len(order), degree // 2
+        if degree >= n - 1:
+            return {c: frozenset(order) - {c} for c in order}
+        return {c: frozenset(order[(i + d) % n] for d in range(-half, half + 1) if d) for i, c in enumerate(order)}
 
     def neighbours_of(self, client_id: int) -> frozenset[int]:
         """The clients that ``client_id`` masks with and that hold its shares."""

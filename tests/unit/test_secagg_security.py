@@ -36,8 +36,7 @@ class Round:
         self.params = SecAggParams.create(campaign, round_id, IDS, 32, QUANT, neighbours=4, threshold=3)
         self.server = SecAggServer(self.params, REGISTRY)
         self.clients = {
-            cid: SecAggClient(cid, key, CAMPAIGN, round_id=client_round)
-            for cid, (key, _) in IDENTITIES.items()
+            cid: SecAggClient(cid, key, CAMPAIGN, round_id=client_round) for cid, (key, _) in IDENTITIES.items()
         }
         self.inputs = {cid: np.full(32, 0.01 * cid, dtype=np.float32) for cid in IDS}
         self.stage = "advertise"
