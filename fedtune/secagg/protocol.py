@@ -43,7 +43,7 @@ Messages
     1. ``advertise``     server -> all: parameters (:class:`SecAggParams`). client -> server: ephemeral keys
                          ``c_pk``, ``s_pk``, commitments to its graph nonce and its self-mask seed, signed.
     2. ``view``          server -> all: the directory (:class:`RoundView`): every advertiser's identity key,
-                         keys, commitments and signature. client -> server: its nonce, its signature on the view.
+                         keys and commitments. client -> server: its nonce, its signature on the view.
     3. ``share_keys``    server -> all: every member's nonce and view signature. client -> server: encrypted
                          shares of b_u and s_u^SK for each neighbour, the hash of each share, signed.
     4. ``masked_input``  server -> u: ciphertexts for u and their hashes. u -> server: masked uint32 vector and the
@@ -138,7 +138,7 @@ _NONCE_COMMIT = b"fedtune-secagg/graph-nonce/v1"
 _SEED_COMMIT = b"fedtune-secagg/self-mask-seed/v1"
 _SHARE_HASH = b"fedtune-secagg/share-hash/v1"
 _GRAPH_SEED = b"fedtune-secagg/graph-seed/v1"
-_VIEW_FIELDS = ("ids", "identity", "c_pk", "s_pk", "nonce_commit", "seed_commit", "signature")
+_VIEW_FIELDS = ("ids", "identity", "c_pk", "s_pk", "nonce_commit", "seed_commit")
 
 
 class SecAggAbort(SecAggError):
@@ -341,14 +341,17 @@ class NeighbourGraph:
 
 @dataclass(frozen=True)
 class Member:
-    """One advertiser as the view lists it: its identity key, ephemeral keys, commitments and signature."""
+    """One advertiser as the view lists it: its identity key, ephemeral keys and commitments.
+
+    Each member signs the whole view after checking its own row, so a member's view signature vouches for its
+    row: nobody needs its advertise signature but the server, which checked it on receipt.
+    """
 
     identity: bytes
     c_pk: bytes
     s_pk: bytes
     nonce_commit: bytes
     seed_commit: bytes
-    signature: bytes
 
 
 class RoundView:
@@ -389,7 +392,6 @@ class RoundView:
             "s_pk": [e.s_pk for e in rows],
             "nonce_commit": [e.nonce_commit for e in rows],
             "seed_commit": [e.seed_commit for e in rows],
-            "signature": [e.signature for e in rows],
         }
 
     @classmethod
@@ -402,19 +404,17 @@ class RoundView:
         members = {}
         for v, *fields in rows:
             entry = Member(*(bytes(f) for f in fields))
-            if any(len(b) != 32 for b in fields[:5]) or len(entry.signature) != 64:
+            if any(len(b) != 32 for b in fields):
                 raise SecAggProtocolError(f"malformed view entry for client {v}")
             members[int(v)] = entry
         return cls(params, members)
 
-    def verify(self) -> None:
-        """Check every member's advertise signature under the identity key the view lists for it."""
+    def check_distinct(self) -> None:
+        """Refuse a view in which two members share an identity or an ephemeral key."""
         identities = [e.identity for e in self.members.values()]
         ephemeral = [k for e in self.members.values() for k in (e.c_pk, e.s_pk)]
         if len(set(identities)) != len(identities) or len(set(ephemeral)) != len(ephemeral):
             raise SecAggProtocolError("the view repeats an identity or ephemeral key")
-        for v, e in self.members.items():
-            crypto.verify(e.identity, e.signature, _advertise_transcript(self.params, v, e))
 
     def graph(self, nonces: Mapping[int, bytes]) -> NeighbourGraph:
         """The neighbour graph, from every member's revealed nonce (each checked against its commitment)."""
@@ -723,7 +723,6 @@ class SecAggClient:
             self._s_key.public_bytes,
             _nonce_commitment(params, self.client_id, self._nonce),
             _seed_commitment(params, self.client_id, self._b_seed),
-            b"",
         )
         signature = crypto.sign(self._identity, _advertise_transcript(params, self.client_id, entry))
         return self._reply(
@@ -738,7 +737,11 @@ class SecAggClient:
         )
 
     def sign_view(self, msg: Mapping[str, Any]) -> Message:
-        """Stage 2: check the directory (own entry, policy on its size, every signature); sign it, reveal the nonce."""
+        """Stage 2: check the directory (own row, pinned keys, policy on its size); sign it, reveal the nonce.
+
+        The other rows are vouched for by their members' signatures on the same view, checked in ``share_keys``
+        before anything secret is dealt; signing and revealing the nonce now give nothing away.
+        """
         params = self._enter(msg, VIEW)
         assert self._c_key is not None and self._s_key is not None and self._nonce is not None
         assert self._b_seed is not None
@@ -756,7 +759,7 @@ class SecAggClient:
         for v, key in self._pinned.items():
             if v in view.members and view.members[v].identity != key:
                 raise SecAggCryptoError(f"the view's identity key for client {v} is not the one pinned")
-        view.verify()
+        view.check_distinct()
         self.view = view
         signature = crypto.sign(self._identity, view.digest)
         return self._reply(VIEW, {"nonce": self._nonce, "signature": signature})
@@ -1021,11 +1024,11 @@ class SecAggServer:
         sender = self._accept(msg, ADVERTISE, self.params.cohort, self._members)
         if sender not in self._registry:
             raise SecAggCryptoError(f"client {sender} has no registered identity")
-        fields = [bytes(msg[k]) for k in ("c_pk", "s_pk", "nonce_commit", "seed_commit", "signature")]
+        fields = [bytes(msg[k]) for k in ("c_pk", "s_pk", "nonce_commit", "seed_commit")]
         entry = Member(self._registry[sender], *fields)
-        if any(len(b) != 32 for b in fields[:4]):
+        if any(len(b) != 32 for b in fields):
             raise SecAggProtocolError(f"client {sender}: keys and commitments must be 32 bytes")
-        crypto.verify(entry.identity, entry.signature, _advertise_transcript(self.params, sender, entry))
+        crypto.verify(entry.identity, bytes(msg["signature"]), _advertise_transcript(self.params, sender, entry))
         self._members[sender] = entry
 
     def view_requests(self) -> dict[int, Message]:

@@ -289,7 +289,7 @@ def _substituted(cohort: Cohort, victim: int, impostors: Iterable[int]) -> tuple
         key, public = generate_identity()
         clients[v] = secagg.SecAggClient(v, key, CAMPAIGN, policy=cohort.policy)
         reply = clients[v].advertise_keys(cohort.server.advertise_request())
-        fields = (reply[k] for k in ("c_pk", "s_pk", "nonce_commit", "seed_commit", "signature"))
+        fields = (reply[k] for k in ("c_pk", "s_pk", "nonce_commit", "seed_commit"))
         members[v] = protocol.Member(public, *fields)
     view = protocol.RoundView(cohort.params, members)
     return {"campaign_id": CAMPAIGN, "round": 1, "stage": "view", **view.to_message()}, clients

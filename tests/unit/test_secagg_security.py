@@ -96,14 +96,30 @@ def test_share_that_does_not_match_its_hash_is_not_kept() -> None:
     assert reply["bad_dealers"] == [msg["src"][0]]
 
 
+def _share_keys_after_forged_view(rnd: Round, u: int, forge: Any) -> dict[str, Any]:
+    """Client ``u`` signs the view as ``forge`` altered it, everyone else the genuine one; the next request to ``u``."""
+    requests = rnd.run_until("view")
+    replies = {v: rnd.clients[v].sign_view(forge(dict(msg)) if v == u else msg) for v, msg in requests.items()}
+    return {
+        "campaign_id": CAMPAIGN,
+        "round": 1,
+        "stage": "share_keys",
+        "ids": IDS,
+        "nonce": [replies[v]["nonce"] for v in IDS],
+        "signature": [replies[v]["signature"] for v in IDS],
+    }
+
+
 def test_server_substituted_ephemeral_key_is_rejected_by_client() -> None:
     rnd = Round()
-    requests = rnd.run_until("view")
-    u = IDS[0]
-    msg = dict(requests[u])
-    msg["c_pk"] = [msg["c_pk"][0], msg["c_pk"][2][::-1], *msg["c_pk"][2:]]  # another member's key, substituted
-    with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].sign_view(msg)
+
+    def substitute(msg: dict[str, Any]) -> dict[str, Any]:  # another member's key, replaced
+        return {**msg, "c_pk": [msg["c_pk"][0], msg["c_pk"][2][::-1], *msg["c_pk"][2:]]}
+
+    request = _share_keys_after_forged_view(rnd, IDS[0], substitute)
+    with pytest.raises(SecAggCryptoError):  # that member signed the view with its own key
+        rnd.clients[IDS[0]].share_keys(request)
+    assert rnd.clients[IDS[0]].graph is None
 
 
 def test_keys_signed_by_unregistered_identity_are_rejected_by_server() -> None:
@@ -118,18 +134,18 @@ def test_keys_signed_by_unregistered_identity_are_rejected_by_server() -> None:
         stranger.advertise_keys(rnd.server.advertise_request())
 
 
-def test_keys_not_signed_by_the_listed_identity_are_rejected_by_peer() -> None:
-    """Even if the server forwards a forged key, every member checks it against the identity the view lists."""
+def test_keys_of_an_impostor_are_rejected_by_peer() -> None:
+    """Even if the server lists an impostor's keys for a member, that member's view signature does not cover them."""
     rnd = Round()
-    requests = rnd.run_until("view")
-    u = IDS[0]
-    msg = dict(requests[u])
     impostor_key, _ = generate_identity()
     forged = SecAggClient(IDS[1], impostor_key, CAMPAIGN).advertise_keys(rnd.server.advertise_request())
-    for key in ("c_pk", "s_pk", "nonce_commit", "seed_commit", "signature"):
-        msg[key] = [msg[key][0], forged[key], *msg[key][2:]]
+
+    def impersonate(msg: dict[str, Any]) -> dict[str, Any]:
+        return {**msg, **{k: [msg[k][0], forged[k], *msg[k][2:]] for k in ("c_pk", "s_pk", "nonce_commit")}}
+
+    request = _share_keys_after_forged_view(rnd, IDS[0], impersonate)
     with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].sign_view(msg)
+        rnd.clients[IDS[0]].share_keys(request)
 
 
 @pytest.mark.parametrize("field,value", [("round", 2), ("campaign_id", "campaign-B")])
