@@ -1122,6 +1122,14 @@ class SecAggServer:
         alone = [u for u in survivors if len(self.graph.neighbours_of(u) & self._masked) < self.params.threshold]
         if alone:
             raise SecAggAbort(f"clients {alone[:5]} have fewer than threshold {self.params.threshold} live neighbours")
+        for owner in sorted(self._shared):  # a survivor's b-shares or a dropout's s-shares must be recoverable
+            holders = self.graph.neighbours_of(owner) & self._masked
+            good = {h for h in holders if (h, owner) not in self._complaints}
+            if len(good) < self.params.threshold:
+                raise SecAggAbort(
+                    f"client {owner}'s shares: {len(holders) - len(good)} of its {len(holders)} live holders report "
+                    f"them invalid, {len(good)} left, threshold {self.params.threshold}"
+                )
         return {u: {**self._header(CONSISTENCY), "survivors": survivors} for u in survivors}
 
     def receive_consistency(self, msg: Mapping[str, Any]) -> None:

@@ -252,3 +252,20 @@ def test_overflow_configuration_is_refused() -> None:
             check_no_overflow(n, bits)
     with pytest.raises(ValueError, match="overflow"):
         SecAggParams.create(CAMPAIGN, 1, range(300), 8, QuantConfig(clip=1.0, bits=24))
+
+
+class GarbageDealer(SecAggClient):
+    """A client whose every share ciphertext is corrupted: its holders cannot use its shares."""
+
+    def share_keys(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reply = super().share_keys(msg)
+        return {**reply, "ciphertext": [_flip(ct, 20) for ct in reply["ciphertext"]]}
+
+
+def test_a_dealer_whose_shares_its_holders_reject_stops_the_round_before_any_share_is_revealed() -> None:
+    rnd = Round()
+    cheat = IDS[2]
+    rnd.clients[cheat] = GarbageDealer(cheat, IDENTITIES[cheat][0], CAMPAIGN)
+    with pytest.raises(SecAggAbort, match=rf"client {cheat}'s shares: 4 of its 4 live holders report them invalid"):
+        rnd.run_until("consistency")
+    assert not rnd.server._b_shares and not rnd.server._s_shares
