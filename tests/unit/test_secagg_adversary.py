@@ -256,6 +256,18 @@ def test_split_survivor_sets_are_refused_and_the_target_stays_masked() -> None:
     assert not cohort.learned(target)
 
 
+def _share_keys_request(ids: list[int], view_replies: Mapping[int, Msg]) -> Msg:
+    """The share_keys request the coordinator builds from everyone's nonce and view signature."""
+    return {
+        "campaign_id": CAMPAIGN,
+        "round": 1,
+        "stage": "share_keys",
+        "ids": ids,
+        "nonce": [view_replies[v]["nonce"] for v in ids],
+        "signature": [view_replies[v]["signature"] for v in ids],
+    }
+
+
 def test_split_cohort_views_abort_before_any_share_is_dealt() -> None:
     cohort = Cohort(6, sybils=1)
     left_out = cohort.ids[1]
@@ -265,14 +277,7 @@ def test_split_cohort_views_abort_before_any_share_is_dealt() -> None:
     smaller = {**full, **protocol.RoundView(cohort.params, members).to_message()}
     views = {u: (full if u == left_out else smaller) for u in cohort.ids}  # one member sees another cohort
     replies = {u: cohort.clients[u].sign_view(views[u]) for u in cohort.ids}
-    share_keys = {
-        "campaign_id": CAMPAIGN,
-        "round": 1,
-        "stage": "share_keys",
-        "ids": cohort.ids,
-        "nonce": [replies[v]["nonce"] for v in cohort.ids],
-        "signature": [replies[v]["signature"] for v in cohort.ids],
-    }
+    share_keys = _share_keys_request(cohort.ids, replies)
     with pytest.raises(SecAggError, match="signature"):  # the others signed a view without it
         cohort.clients[left_out].share_keys(share_keys)
     assert cohort.clients[left_out].graph is None and not cohort.learned(left_out)
@@ -281,8 +286,8 @@ def test_split_cohort_views_abort_before_any_share_is_dealt() -> None:
 # -- 6(c). substituted key directory ---------------------------------------------------------------------
 
 
-def _substituted(cohort: Cohort, victim: int, impostors: Iterable[int]) -> tuple[Msg, dict[int, Any]]:
-    """The view request ``victim`` gets with each of ``impostors``' entries replaced by one the coordinator made."""
+def _substituted(cohort: Cohort, impostors: Iterable[int]) -> tuple[Msg, dict[int, Any]]:
+    """A view request with each of ``impostors``' rows replaced by one the coordinator made (and its clients)."""
     genuine = cohort.server.view
     members, clients = dict(genuine.members), {}
     for v in impostors:
@@ -300,19 +305,12 @@ def test_a_key_directory_that_differs_between_contributors_is_caught_by_the_sign
     target, victim_peer = cohort.ids[:2]
     cohort.stage("advertise")
     requests = cohort.server.requests("view")
-    forged_view, impostors = _substituted(cohort, target, [victim_peer])  # the target alone sees the forged key
+    forged_view, impostors = _substituted(cohort, [victim_peer])  # the target alone sees the forged key
     replies = {u: cohort.clients[u].sign_view(forged_view if u == target else msg) for u, msg in requests.items()}
     forged_digest = protocol.RoundView.from_message(cohort.params, forged_view).digest
     imp = impostors[victim_peer]
     replies[victim_peer] = {"nonce": imp._nonce, "signature": _sign_as(imp._identity, forged_digest)}
-    share_keys = {
-        "campaign_id": CAMPAIGN,
-        "round": 1,
-        "stage": "share_keys",
-        "ids": cohort.ids,
-        "nonce": [replies[v]["nonce"] for v in cohort.ids],
-        "signature": [replies[v]["signature"] for v in cohort.ids],
-    }
+    share_keys = _share_keys_request(cohort.ids, replies)
     with pytest.raises(SecAggError, match="signature"):  # the honest others signed the genuine directory
         cohort.clients[target].share_keys(share_keys)
     assert cohort.clients[target].graph is None and not cohort.learned(target)
@@ -325,7 +323,7 @@ def test_a_directory_of_only_the_coordinators_keys_is_a_sybil_cohort_bounded_by_
     target, *peers = cohort.ids
     cohort.stage("advertise")
     cohort.server.requests("view")
-    all_fake, _ = _substituted(cohort, target, peers)
+    all_fake, _ = _substituted(cohort, peers)
     assert cohort.client(target).policy.corrupt_fraction < 1  # documented limit: γ counts these as colluders
     pinned = cohort.client(target, pinned={peers[0]: cohort.registry[peers[0]]})
     keys = pinned.advertise_keys(cohort.server.advertise_request())
@@ -403,8 +401,8 @@ def test_a_dealer_of_inconsistent_shares_is_named_and_nothing_is_unmasked_wrongl
     assert caught.value.culprit == cheat and cohort.server.blamed.keys() == {cheat}
 
 
-def _driver_round(tamper: Callable[[np.ndarray], None], folder: Path) -> Any:
-    """One SecureRound over fedtune's ClientApp handlers, 6 contributors; node 1000's masked upload is tampered."""
+def _driver_round(stage: str, tamper: Callable[[Msg], None], folder: Path) -> Any:
+    """One SecureRound over fedtune's ClientApp handlers, 6 contributors; node 1000's ``stage`` reply is tampered."""
     raw = small_campaign(
         federation={"contributors_per_round": 6, "min_cohort": 2, "round_timeout_s": 5.0},
         simulation={"contributors": 6},
@@ -422,30 +420,29 @@ def _driver_round(tamper: Callable[[np.ndarray], None], folder: Path) -> Any:
         end = {k: v + 0.01 * (p + 1) for k, v in begin.items()}
         return LocalUpdate(request.campaign(), begin, end, TrainReport(12, 12, 100, 1.0, 0.1, 3), who)
 
-    def masked(message: Message, context: Context) -> Message:
-        reply = handle_stage("masked_input", trainer, message, context)
+    def tampered(message: Message, context: Context) -> Message:
+        reply = handle_stage(stage, trainer, message, context)
         if message.metadata.dst_node_id != 1000:
             return reply
-        got = SecAggReply.read(reply.content, "masked_input")
-        msg = dict(got.msg, masked=got.msg["masked"].copy())
-        tamper(msg["masked"])
+        got = SecAggReply.read(reply.content, stage)
+        msg = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in got.msg.items()}
+        tamper(msg)
         return Message(SecAggReply(msg, got.contributor, got.report).content(), reply_to=message)
 
     app = ClientApp()
-    for stage in STAGES:
-        handler = masked if stage == "masked_input" else functools.partial(handle_stage, stage, trainer)
-        app.train(secagg_action(stage))(handler)
+    for name in STAGES:
+        app.train(secagg_action(name))(tampered if name == stage else functools.partial(handle_stage, name, trainer))
     grid = InProcessGrid(app, {1000 + p: {"partition-id": p} for p in range(6)})
     request = TrainRequest.of(cfg, "fingerprint", 1, start, str(folder / "contributors"))
-    return SecureRound(cfg, folder).run(grid, build_strategy(cfg, 6), request)
+    return SecureRound(cfg, folder).run(grid, build_strategy(cfg, 6), request), start
 
 
 LEVELS = QUANT.levels
 
 
-def _add(index: int, amount: int) -> Callable[[np.ndarray], None]:
-    def tamper(masked: np.ndarray) -> None:
-        one = masked[index:][:1]
+def _add(index: int, amount: int) -> Callable[[Msg], None]:
+    def tamper(msg: Msg) -> None:
+        one = msg["masked"][index:][:1]
         one += np.uint32(amount % 2**32)  # array arithmetic wraps mod 2^32, as the protocol's does
 
     return tamper
@@ -460,12 +457,27 @@ def _add(index: int, amount: int) -> Callable[[np.ndarray], None]:
     ],
 )
 def test_an_out_of_range_input_or_weight_is_detected_and_nothing_applied(
-    tamper: Callable[[np.ndarray], None], named: str, tmp_path: Path
+    tamper: Callable[[Msg], None], named: str, tmp_path: Path
 ) -> None:
-    result = _driver_round(tamper, tmp_path)
+    result, _ = _driver_round("masked_input", tamper, tmp_path)
     assert not result.applied and result.arrays is None
     assert named in result.abort_reason and "not applied" in result.abort_reason
     assert {o.status for o in result.outcomes} == {"failed"}  # nobody credited for a refused aggregate
+
+
+def test_the_coordinator_names_a_contributor_revealing_a_wrong_share_and_applies_the_exact_mean(
+    tmp_path: Path,
+) -> None:
+    def shift_first_b_share(msg: Msg) -> None:
+        msg["b_shares"] = [_shift(msg["b_shares"][0]), *msg["b_shares"][1:]]
+
+    result, start = _driver_round("unmask", shift_first_b_share, tmp_path)
+    assert result.applied and result.abort_reason is None
+    fates = {o.node_id: (o.status, o.reason) for o in result.outcomes}
+    assert fates[1000][0] == "failed" and "client 1000 cheated: revealed a b-share of client" in fates[1000][1]
+    assert all(status == "included" for node, (status, _) in fates.items() if node != 1000)  # no credit for 1000
+    mean = np.mean([0.01 * (p + 1) for p in range(6)])  # its update stays in the sum: its masks were removed
+    np.testing.assert_allclose(result.arrays["layer.0.lora_B"], start["layer.0.lora_B"] + mean, atol=2e-4)
 
 
 def test_decode_mean_refuses_an_out_of_range_aggregate_and_names_it() -> None:
