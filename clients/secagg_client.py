@@ -42,8 +42,10 @@ from fedtune.secagg import (
     STAGES,
     SecAggClient,
     SecAggCryptoError,
+    SecAggError,
     SecAggParams,
     SecAggPolicy,
+    SecAggPolicyError,
     SecAggProtocolError,
     check_round_params,
 )
@@ -131,24 +133,35 @@ def secagg_policy(context: Context, cfg: CampaignConfig) -> SecAggPolicy:
 
 
 def _advertise(message: Message, context: Context, request: SecAggRequest, trainer: Trainer) -> Message:
-    """Stage 1: check the parameters against this contributor's policy, train (or decline), answer with keys."""
+    """Stage 1: check the parameters against this contributor's policy and make its keys, train (or decline), answer."""
     for key in (STATE, META, UPDATE, REPORT, WHO):  # leftovers of an aborted round
         context.state.pop(key, None)
     msg, train = request.msg, request.train
     assert train is not None  # the advertise request always carries one (SecAggRequest.read)
-    params = SecAggParams.from_message(msg)  # malformed parameters: no reply
+    params, node = SecAggParams.from_message(msg), message.metadata.dst_node_id  # malformed: no reply
+    ready: dict[str, Any] = {}
 
-    def refused(cfg: CampaignConfig) -> str | None:  # runs before the privacy budget and training
-        return check_round_params(params, secagg_policy(context, cfg))
+    def refused(cfg: CampaignConfig) -> str | None:
+        """Every check of the round's SecAgg+ parameters, run by the trainer before the privacy budget and training."""
+        policy = secagg_policy(context, cfg)
+        if (reason := check_round_params(params, policy)) is not None:
+            return reason
+        identity = identity_key(context, cfg.campaign.seed)
+        quant = quant_config(cfg)
+        client = SecAggClient(node, identity, cfg.campaign.name, round_id=params.round_id, quant=quant, policy=policy)
+        try:  # campaign, round, quantization, membership; then fresh keys and commitments
+            ready["reply"] = client.handle(msg)
+        except SecAggError as exc:
+            return f"secure aggregation: {exc}"
+        ready.update(client=client, identity=identity, quant=quant)
+        return None
 
     update = trainer(message, train, context, refuse=refused)
     if isinstance(update, Message):
         return update
-    cfg, node = update.cfg, message.metadata.dst_node_id
-    identity = identity_key(context, cfg.campaign.seed)
-    quant, policy = quant_config(cfg), secagg_policy(context, cfg)
-    client = SecAggClient(node, identity, cfg.campaign.name, round_id=params.round_id, quant=quant, policy=policy)
-    reply = client.handle(msg)
+    if "client" not in ready and (reason := refused(update.cfg)) is not None:  # a trainer that skipped the hook
+        raise SecAggPolicyError(reason)
+    cfg, client, identity, quant, reply = update.cfg, ready["client"], ready["identity"], ready["quant"], ready["reply"]
     ratio = min(1.0, float(update.report.num_examples) / float(msg[SECAGG_WEIGHT_MAX]))
     vector = encode_update(update.start, update.end, ratio, quant.clip)
     context.state[STATE] = ConfigRecord(client.export_state())

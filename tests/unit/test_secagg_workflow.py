@@ -118,7 +118,9 @@ def test_contributor_refuses_a_cohort_below_its_minimum() -> None:
     train = TrainRequest.of(cfg, "fingerprint", 1, {"b": np.zeros(3, dtype=np.float32)})
     params = SecAggParams.create("test", 1, [5, 9], 4, quant_config(cfg)).to_message()
     advertise = {**params, "stage": "advertise", "weight_max": 12.0}
-    message = SimpleNamespace(content=SecAggRequest(advertise, train).content())
+    message = SimpleNamespace(
+        content=SecAggRequest(advertise, train).content(), metadata=SimpleNamespace(dst_node_id=5)
+    )
     with pytest.raises(RuntimeError, match="stop before training"):
         handle_stage("advertise", trainer, message, _context())
     assert seen == [(1, "secure-aggregation cohort of 2 is below this contributor's minimum 3")]
