@@ -1182,7 +1182,10 @@ class SecAggServer:
         shares = store.get(owner, {})
         if len(shares) < self.params.threshold:
             raise SecAggAbort(f"{len(shares)} {kind}-shares of client {owner}, threshold {self.params.threshold}")
-        return shamir.combine(shares, self.params.threshold)
+        try:  # every share matched its dealer's hash: a value that is no secret is the dealer's doing
+            return shamir.combine(shares, self.params.threshold)
+        except ValueError as exc:
+            raise self._blame(owner, f"dealt {kind}-shares that do not rebuild a secret ({exc})") from None
 
     def result(self) -> SecAggResult:
         """Remove self-masks of survivors and dropped clients' pairwise masks; return the exact sum.
@@ -1201,18 +1204,12 @@ class SecAggServer:
             raise SecAggAbort(f"{len(self._unmasked)} clients unmasked, threshold {self.params.threshold}")
         total = self._total.copy()
         for u in sorted(self._masked):
-            try:
-                seed = self._reconstruct(self._b_shares, u, "b")
-            except ValueError as exc:  # the interpolated value is not a 256-bit secret
-                raise self._blame(u, f"dealt b-shares that do not rebuild a secret ({exc})") from None
+            seed = self._reconstruct(self._b_shares, u, "b")
             if _seed_commitment(self.params, u, seed) != self.view.members[u].seed_commit:
                 raise self._blame(u, "dealt b-shares that do not rebuild the self-mask seed it committed to")
             crypto.add_mask_into(total, seed, -1)
         for v in sorted(self._shared - self._masked):
-            try:
-                s_key = X25519KeyPair.from_private_bytes(self._reconstruct(self._s_shares, v, "s"))
-            except ValueError as exc:
-                raise self._blame(v, f"dealt s-shares that do not rebuild a key ({exc})") from None
+            s_key = X25519KeyPair.from_private_bytes(self._reconstruct(self._s_shares, v, "s"))
             if s_key.public_bytes != self.view.members[v].s_pk:
                 raise self._blame(v, "dealt s-shares that do not rebuild the mask key it advertised")
             for w in sorted(self.graph.neighbours_of(v) & self._masked):
