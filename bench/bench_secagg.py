@@ -39,12 +39,12 @@ from fedtune.secagg import (
     QuantConfig,
     SecAggClient,
     SecAggParams,
+    SecAggPolicy,
     SecAggServer,
-    default_neighbours,
-    default_threshold,
     effective_degree,
     generate_identity,
     quantize,
+    size_round,
 )
 from fedtune.secagg.quantize import max_bits
 
@@ -65,13 +65,13 @@ class Case:
 
     @classmethod
     def make(cls, cohort: int, length: int, dropout: float, bits: int, clip: float) -> Case:
-        """SecAgg+ defaults: k = O(log n) capped at n - 1, t = floor(k/2) + 1."""
-        k = effective_degree(cohort, default_neighbours(cohort))
+        """k and t sized for the contributors' default policy (σ = 40, γ = δ = 0.2), the same for Flower."""
+        k, t = size_round(cohort, SecAggPolicy())
         return cls(
             cohort,
             length,
-            k,
-            default_threshold(k),
+            effective_degree(cohort, k),
+            t,
             min(bits, max_bits(cohort)),
             clip,
             round(dropout * cohort),
@@ -108,17 +108,15 @@ def bench_fedtune(case: Case, seed: int, verify: bool) -> dict[str, Any]:
     )
     server = SecAggServer(params, registry)
     clients = {
-        cid: SecAggClient(cid, key, registry, CAMPAIGN, rng=np.random.default_rng(seed + cid))
+        cid: SecAggClient(cid, key, CAMPAIGN, rng=np.random.default_rng(seed + cid))
         for cid, (key, _) in identities.items()
     }
     make_input = _input_factory(case.length, seed)
     setup: list[float] = []
-    with _timer(setup):
-        request = server.advertise_request()
-        for cid in ids:
-            server.receive_advertise(clients[cid].advertise_keys(request))
-        for cid, msg in server.share_keys_requests().items():
-            server.receive_share_keys(clients[cid].share_keys(msg))
+    with _timer(setup):  # advertise, view, share_keys
+        for stage in ("advertise", "view", "share_keys"):
+            for cid, msg in server.requests(stage).items():
+                server.receive(clients[cid].handle(msg))
     mask_times: list[float] = []
     collect: list[float] = []
     upload_bytes = 0

@@ -1,17 +1,25 @@
 """Contributor side of a SecAgg+ round: one ClientApp handler per protocol stage.
 
-The coordinator's ``train.secagg_<stage>`` messages arrive one stage at a time, possibly in a fresh
-process each (Flower keeps only the node's ``Context`` across the messages of a run, also in simulation),
-so everything the protocol needs between stages lives in ``context.state``: the exported
-:class:`~fedtune.secagg.SecAggClient` state (this round's ephemeral secrets), the identity keys the
-coordinator vouched for, and the float update waiting to be masked. The long-term identity key is never
-put there; it is reloaded for every stage. The update is dropped once masked, the rest after unmasking.
+Job
+    Answer the coordinator's ``train.secagg_<stage>`` messages, one stage at a time, possibly in a fresh process
+    each (Flower keeps only the node's ``Context`` across the messages of a run, also in simulation): everything the
+    protocol needs between stages lives in ``context.state``: the exported :class:`~fedtune.secagg.SecAggClient`
+    state (this round's ephemeral secrets and the signed view) and the float update waiting to be masked. The
+    long-term identity key is never put there; it is reloaded for every stage. The update is dropped once masked,
+    the rest after unmasking.
 
-The first stage trains (with every check of the plain round: base fingerprint, privacy budget) and also
-refuses a cohort smaller than ``[secure_aggregation] min_cohort``; the consistency stage refuses to sign a
-survivor set that small, because the unmasked sum of a few inputs says too much about each of them.
-Requests and replies are :class:`fedtune.wire.SecAggRequest` / :class:`fedtune.wire.SecAggReply`; a request
-that is not well-formed raises :class:`fedtune.wire.WireError` (no reply).
+Threat
+    The coordinator is the adversary of this contributor's update. Before training, the ``advertise`` stage checks
+    the round's SecAgg+ parameters against the contributor's own policy (:mod:`fedtune.clients.policy`: minimum
+    cohort, security bits σ, colluding fraction γ; the campaign's ``min_cohort`` can only raise the minimum) with
+    :func:`fedtune.secagg.check_round_params`, and declines with the reason if they fall short; the protocol client
+    re-checks them on the signed view and refuses a survivor set below the minimum (:mod:`fedtune.secagg.protocol`
+    says what else each stage checks). Requests and replies are :class:`fedtune.wire.SecAggRequest` /
+    :class:`fedtune.wire.SecAggReply`; a request that is not well-formed raises (no reply).
+
+Pitfalls
+    The first stage also trains (with every check of the plain round: base fingerprint, privacy budget), so the
+    parameter check must run in the trainer's ``refuse`` hook, before training, not after it.
 """
 
 from __future__ import annotations
@@ -30,13 +38,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
-from fedtune.secagg import STAGES, SecAggAbort, SecAggClient, SecAggCryptoError, SecAggError, SecAggProtocolError
+from fedtune.secagg import (
+    STAGES,
+    SecAggClient,
+    SecAggCryptoError,
+    SecAggError,
+    SecAggParams,
+    SecAggPolicy,
+    SecAggPolicyError,
+    SecAggProtocolError,
+    check_round_params,
+)
 from fedtune.secagg.campaign import encode_update, quant_config
 from fedtune.secagg.crypto import identity_public_bytes
 from fedtune.wire import (
     SECAGG_IDENTITY,
-    SECAGG_REGISTRY_IDS,
-    SECAGG_REGISTRY_KEYS,
     SECAGG_WEIGHT_MAX,
     ContributorInfo,
     SecAggReply,
@@ -45,11 +61,13 @@ from fedtune.wire import (
     secagg_action,
 )
 
+from .policy import load_policy
+
 log = logging.getLogger("fedtune.client.secagg")
 
-ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK = STAGES
+ADVERTISE, VIEW, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK = STAGES
 STATE = "secagg"  # ConfigRecord: SecAggClient.export_state()
-META = "secagg-meta"  # ConfigRecord: identity seed, minimum cohort, the coordinator's key directory
+META = "secagg-meta"  # ConfigRecord: the campaign seed (to reload a simulated identity key)
 UPDATE = "secagg-update"  # ArrayRecord: the float vector to mask
 REPORT = "secagg-report"  # MetricRecord (TrainReport) + ConfigRecord (ContributorInfo) below: for masked_input
 WHO = "secagg-contributor"
@@ -103,78 +121,64 @@ def handle_stage(stage: str, trainer: Trainer, message: Message, context: Contex
     return _continue(stage, message, context, request.msg)
 
 
+def secagg_policy(context: Context, cfg: CampaignConfig) -> SecAggPolicy:
+    """The contributor's own SecAgg+ policy; the campaign's ``min_cohort`` may only make it stricter."""
+    own = load_policy(context)
+    return SecAggPolicy(
+        security_bits=own.secagg_security_bits,
+        corrupt_fraction=own.secagg_max_corrupt_fraction,
+        dropout_fraction=own.secagg_max_dropout_fraction,
+        min_cohort=max(own.secagg_min_cohort, cfg.secure_aggregation.min_cohort),
+    )
+
+
 def _advertise(message: Message, context: Context, request: SecAggRequest, trainer: Trainer) -> Message:
-    """Stage 1: train (or decline), keep the weighted update in the context, answer with signed keys."""
+    """Stage 1: check the parameters against this contributor's policy and make its keys, train (or decline), answer."""
     for key in (STATE, META, UPDATE, REPORT, WHO):  # leftovers of an aborted round
         context.state.pop(key, None)
     msg, train = request.msg, request.train
     assert train is not None  # the advertise request always carries one (SecAggRequest.read)
-    cohort = len(msg.get("cohort", ()))
+    params, node = SecAggParams.from_message(msg), message.metadata.dst_node_id  # malformed: no reply
+    ready: dict[str, Any] = {}
 
-    def too_small(cfg: CampaignConfig) -> str | None:
-        need = cfg.secure_aggregation.min_cohort
-        if cohort < need:
-            return f"secure-aggregation cohort of {cohort} is below the campaign minimum {need}"
-        return advertise_refusal(cfg, context, msg, message.metadata.dst_node_id)  # before training: costs no ε
+    def refused(cfg: CampaignConfig) -> str | None:
+        """Every check of the round's SecAgg+ parameters, run by the trainer before the privacy budget and training."""
+        policy = secagg_policy(context, cfg)
+        if (reason := check_round_params(params, policy)) is not None:
+            return reason
+        identity = identity_key(context, cfg.campaign.seed)
+        quant = quant_config(cfg)
+        client = SecAggClient(node, identity, cfg.campaign.name, round_id=params.round_id, quant=quant, policy=policy)
+        try:  # campaign, round, quantization, membership; then fresh keys and commitments
+            ready["reply"] = client.handle(msg)
+        except SecAggError as exc:
+            return f"secure aggregation: {exc}"
+        ready.update(client=client, identity=identity, quant=quant)
+        return None
 
-    update = trainer(message, train, context, refuse=too_small)
+    update = trainer(message, train, context, refuse=refused)
     if isinstance(update, Message):
         return update
-    cfg, node = update.cfg, message.metadata.dst_node_id
-    identity = identity_key(context, cfg.campaign.seed)
-    public = identity_public_bytes(identity)
-    quant = quant_config(cfg)
-    client = SecAggClient(node, identity, {node: public}, cfg.campaign.name, round_id=int(msg["round"]), quant=quant)
-    reply = client.handle(msg)
+    if "client" not in ready and (reason := refused(update.cfg)) is not None:  # a trainer that skipped the hook
+        raise SecAggPolicyError(reason)
+    cfg, client, identity, quant, reply = update.cfg, ready["client"], ready["identity"], ready["quant"], ready["reply"]
     ratio = min(1.0, float(update.report.num_examples) / float(msg[SECAGG_WEIGHT_MAX]))
     vector = encode_update(update.start, update.end, ratio, quant.clip)
     context.state[STATE] = ConfigRecord(client.export_state())
-    context.state[META] = ConfigRecord({"seed": cfg.campaign.seed, "min-cohort": cfg.secure_aggregation.min_cohort})
+    context.state[META] = ConfigRecord({"seed": cfg.campaign.seed})
     context.state[UPDATE] = ArrayRecord({"x": Array(vector)})
     context.state[REPORT] = update.report.to_record()
     context.state[WHO] = update.who.to_record()
-    answer = SecAggReply({**reply, SECAGG_IDENTITY: public}, contributor=update.who)
+    answer = SecAggReply({**reply, SECAGG_IDENTITY: identity_public_bytes(identity)}, contributor=update.who)
     return Message(content=answer.content(), reply_to=message)
 
 
-def advertise_refusal(cfg: CampaignConfig, context: Context, msg: dict[str, Any], node: int) -> str | None:
-    """Why this round's SecAgg+ parameters are refused (as the advertise stage would refuse them), else ``None``.
-
-    Runs inside the trainer's checks, before training, so a round whose parameters are bad costs no ε.
-    """
-    identity = identity_key(context, cfg.campaign.seed)
-    public = identity_public_bytes(identity)
-    client = SecAggClient(
-        node, identity, {node: public}, cfg.campaign.name, round_id=int(msg["round"]), quant=quant_config(cfg)
-    )
-    try:
-        client.handle(msg)
-    except (SecAggError, ValueError) as exc:
-        return f"secure-aggregation round refused: {exc}"
-    return None
-
-
-def _registry(meta: ConfigRecord, request: dict[str, Any], node: int, public: bytes) -> dict[int, bytes]:
-    """Identity keys to verify peers with: sent by the coordinator in share_keys, kept for unmask."""
-    ids, keys = SECAGG_REGISTRY_IDS, SECAGG_REGISTRY_KEYS
-    if ids in request:
-        registry = {int(v): bytes(k) for v, k in zip(request[ids], request[keys], strict=True)}
-        if registry.get(node) != public:
-            raise SecAggCryptoError("the coordinator's key directory does not hold this contributor's identity key")
-        meta[ids], meta[keys] = list(registry), list(registry.values())
-    return {int(v): bytes(k) for v, k in zip(meta.get(ids, []), meta.get(keys, []), strict=True)}
-
-
 def _continue(stage: str, message: Message, context: Context, request: dict[str, Any]) -> Message:
-    """Stages 2-5: restore the round's client from the context, answer, store or discard its state."""
+    """Stages 2-6: restore the round's client from the context, answer, store or discard its state."""
     if STATE not in context.state:
         raise SecAggProtocolError(f"{stage} request but no secure-aggregation round in progress on this node")
-    meta, node = context.state[META], message.metadata.dst_node_id
-    identity = identity_key(context, int(meta["seed"]))
-    registry = _registry(meta, request, node, identity_public_bytes(identity))
-    client = SecAggClient.restore(dict(context.state[STATE]), identity, registry, rng=np.random.default_rng())
-    if stage == CONSISTENCY and len(request.get("survivors", ())) < int(meta["min-cohort"]):
-        raise SecAggAbort(f"{len(request['survivors'])} survivors, below the campaign minimum {meta['min-cohort']}")
+    identity = identity_key(context, int(context.state[META]["seed"]))
+    client = SecAggClient.restore(dict(context.state[STATE]), identity, rng=np.random.default_rng())
     vector = context.state[UPDATE]["x"].numpy() if stage == MASKED_INPUT else None
     answer = SecAggReply(client.handle(request, vector))
     if stage == MASKED_INPUT:

@@ -80,7 +80,6 @@ CONTRIBUTOR_ID, CONTRIBUTOR_NAME, CONTRIBUTOR_TEAM, PEAK_FLOPS = "id", "name", "
 # fields fedtune adds to SecAgg+ protocol messages
 SECAGG_IDENTITY = "identity"  # advertise reply: the contributor's Ed25519 identity public key (32 bytes)
 SECAGG_WEIGHT_MAX = "weight_max"  # advertise request: the largest example weight the server assigns
-SECAGG_REGISTRY_IDS, SECAGG_REGISTRY_KEYS = "registry_ids", "registry_keys"  # share_keys request: pinned keys
 
 # the SecAgg+ stages whose messages carry more than the protocol message (``fedtune.secagg.STAGES`` names them)
 SECAGG_ADVERTISE, SECAGG_MASKED_INPUT = "advertise", "masked_input"
@@ -400,8 +399,8 @@ class SecAggRequest:
     Parameters
     ----------
     msg : dict
-        The protocol message (:mod:`fedtune.secagg.protocol`), plus :data:`SECAGG_WEIGHT_MAX` in ``advertise``
-        and the coordinator's key directory (:data:`SECAGG_REGISTRY_IDS`, ``..._KEYS``) in ``share_keys``.
+        The protocol message (:mod:`fedtune.secagg.protocol`, whose ``view`` stage carries the key directory),
+        plus :data:`SECAGG_WEIGHT_MAX` in ``advertise``.
     train : TrainRequest, optional
         ``advertise`` only: the round's train request (contributors train in that stage).
     """

@@ -1,11 +1,15 @@
 """A SecAgg+ round over the Flower grid: the coordinator learns only the weighted sum of the cohort's updates.
 
 :class:`SecureRound` is the :class:`~fedtune.strategies.driver.RoundDriver` of campaigns with
-``[secure_aggregation] protocol = "secagg+"``. One secure round is five message exchanges, one per stage of
+``[secure_aggregation] protocol = "secagg+"``. One secure round is six message exchanges, one per stage of
 :mod:`fedtune.secagg.protocol` (messages: :class:`fedtune.wire.SecAggRequest` / :class:`fedtune.wire.SecAggReply`);
 the message type ``train.secagg_<stage>`` routes each to the ClientApp handler of that stage
 (:mod:`fedtune.clients.secagg_client`). Local training happens in the first (``advertise``) stage, so a
-secure round costs four extra round trips of small messages and nothing else.
+secure round costs five extra round trips of small messages and nothing else. The protocol's docstring says what
+it guarantees against this coordinator; this driver is the honest coordinator's side: it sizes k and t for the
+contributors' default policy (:func:`~fedtune.secagg.campaign.round_degree`), names contributors caught cheating
+(their share dropped, the round completed with the good ones; no credit for them), and refuses to apply an
+aggregate whose sum, weight or mean is out of range (:func:`~fedtune.secagg.campaign.decode_mean`).
 
 What each contributor masks
     ``x_i = [r_i · clip(Δ_i, ±c), r_i · c]`` with ``Δ_i = B_new − B_old`` the flattened adapter update
@@ -31,12 +35,13 @@ Identity registry (trust on first use)
     id (the ``contributor`` record's ``id``: the fingerprint of its identity key in deployment, a derived id
     in simulation) takes part, its Ed25519 public key is pinned; afterwards a different key for that id is
     refused (the node counts as failed) and two nodes claiming one id in a round are refused. Contributors
-    receive their neighbours' pinned keys from the coordinator, so they trust it as their key directory; a
-    deployment that also distrusts the coordinator for this needs an out-of-band directory (e.g. keys
-    published at enrolment). SecAgg+ client ids are the Flower node ids.
+    receive the directory from the coordinator in the ``view`` stage and sign it, so a directory that differs between
+    contributors aborts the round; a directory of the coordinator's own keys is a cohort of Sybils, which only the
+    contributors' minimum cohort and γ bound (a deployment that distrusts this needs keys published at enrolment,
+    which ``SecAggClient(pinned=...)`` checks). SecAgg+ client ids are the Flower node ids.
 
 Timeouts
-    The ``advertise`` stage includes local training, so it waits ``[federation] round_timeout_s``; the four
+    The ``advertise`` stage includes local training, so it waits ``[federation] round_timeout_s``; the five
     protocol-only stages wait ``[secure_aggregation] stage_timeout_s`` each (see
     :func:`~fedtune.strategies.driver.send_and_receive` for why the drivers poll the grid themselves). A node
     that does not answer in time, or answers with an error or an invalid message, is out of the round from
@@ -59,15 +64,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import CampaignConfig
 from fedtune.files import atomic_write_text
-from fedtune.secagg import STAGES, SecAggAbort, SecAggError, SecAggParams, SecAggServer
+from fedtune.secagg import STAGES, SecAggAbort, SecAggCheatError, SecAggError, SecAggParams, SecAggServer
 from fedtune.secagg.campaign import check_setup, decode_mean, flatten, quant_config, round_degree, unflatten
 from fedtune.wire import (
     SECAGG_IDENTITY,
-    SECAGG_REGISTRY_IDS,
-    SECAGG_REGISTRY_KEYS,
     SECAGG_WEIGHT_MAX,
     SecAggReply,
     SecAggRequest,
+    TrainReport,
     TrainRequest,
     arrays_from_record,
     arrays_to_record,
@@ -78,7 +82,7 @@ from .driver import NodeFates, RoundResult, Update, aggregate, exchange
 
 log = logging.getLogger("fedtune.secagg")
 
-ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK = STAGES
+ADVERTISE, VIEW, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK = STAGES
 REGISTRY_FILE = "secagg_identities.json"
 
 
@@ -140,10 +144,11 @@ class SecureRound:
         self.min_survivors = max(fed.min_cohort, cfg.secure_aggregation.min_cohort)
 
     def run(self, grid: Grid, strategy: FedAvg, request: TrainRequest) -> RoundResult:
-        """Sample with the strategy, run the five stages, apply the strategy's server optimizer to the mean.
+        """Sample with the strategy, run the six stages, apply the strategy's server optimizer to the mean.
 
-        Only survivors whose masked input is in the applied sum are included (credited); an abort (fewer than
-        the threshold or the minimum cohort left) applies nothing and leaves the optimizer state as it was.
+        Only survivors whose masked input is in the applied sum are included (credited), less any caught cheating;
+        an abort (fewer than the threshold or the minimum cohort left, a dealer's shares that do not rebuild its
+        secret, an out-of-range aggregate) applies nothing and leaves the optimizer state as it was.
         """
         server_round, start = request.server_round, time.perf_counter()
         train_msgs = list(strategy.configure_train(server_round, request.arrays, request.config(), grid))
@@ -159,11 +164,17 @@ class SecureRound:
             params = SecAggParams.create(
                 self.cfg.campaign.name, server_round, fates.cohort, vector_len, self.quant, neighbours=k, threshold=t
             )
-            server, registry = self._advertise(grid, request, params, fates, stage_s)
-            bytes_up = self._protocol(grid, server_round, server, registry, fates, stage_s)
+            server = self._advertise(grid, request, params, fates, stage_s)
+            bytes_up, reports = self._protocol(grid, server_round, server, fates, stage_s)
             agg = server.result()
-            mean_delta, weight = decode_mean(agg.total, self.quant, len(agg.survivors))
+            for holder, dealer in agg.complaints:
+                log.warning("round %d: node %s reports invalid shares from node %s", server_round, holder, dealer)
+            assigned = sum(min(float(reports[u].num_examples), self.weight_max) for u in agg.survivors)
+            mean_delta, weight = decode_mean(agg.total, self.quant, len(agg.survivors), assigned / self.weight_max)
             arrays, metrics = self._server_step(strategy, server_round, current, mean_delta, weight, fates)
+        except SecAggCheatError as exc:  # a dealer whose shares do not rebuild its secret: nothing can be unmasked
+            self._named(fates, exc)
+            abort_reason = str(exc)
         except SecAggError as exc:
             abort_reason = str(exc)
         extra = {
@@ -172,6 +183,12 @@ class SecureRound:
             "secagg_stage_s": {k: round(v, 4) for k, v in stage_s.items()},
         }
         return fates.result(request, arrays, metrics, abort_reason, bytes_up, time.perf_counter() - start, extra)
+
+    @staticmethod
+    def _named(fates: NodeFates, exc: SecAggCheatError) -> None:
+        """A contributor caught cheating: failed with the reason, never credited (its input may stay in the sum)."""
+        fates.inputs.pop(exc.culprit, None)
+        fates.out(exc.culprit, "failed", str(exc))
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -207,6 +224,9 @@ class SecureRound:
         """Feed a reply to the protocol server; an invalid one puts its sender out of the round."""
         try:
             server.receive(reply.msg)
+        except SecAggCheatError as exc:
+            self._named(fates, exc)
+            return False
         except (SecAggError, KeyError, TypeError, ValueError) as exc:
             fates.out(node, "failed", f"{stage}: invalid reply: {exc}")
             return False
@@ -219,7 +239,7 @@ class SecureRound:
         params: SecAggParams,
         fates: NodeFates,
         stage_s: dict[str, float],
-    ) -> tuple[SecAggServer, dict[int, bytes]]:
+    ) -> SecAggServer:
         """Stage 1: the train request + SecAgg+ parameters out; trained contributors' signed keys back.
 
         Identity keys are checked against the pinned registry before the protocol server sees them.
@@ -248,29 +268,27 @@ class SecureRound:
             if self._receive(server, ADVERTISE, node, replies[node], fates):
                 self.registry.pin(who, registry[node], params.round_id)
         self.registry.save()
-        return server, registry
+        return server
 
     def _protocol(
         self,
         grid: Grid,
         server_round: int,
         server: SecAggServer,
-        registry: Mapping[int, bytes],
         fates: NodeFates,
         stage_s: dict[str, float],
-    ) -> int:
-        """Stages 2-5; returns the masked upload's bytes. Raises SecAggAbort when too few remain."""
-        active, bytes_up = fates.active(), 0
+    ) -> tuple[int, dict[int, TrainReport]]:
+        """Stages 2-6; returns the masked upload's bytes and what each masked input's sender reported.
+
+        Raises SecAggAbort when too few remain.
+        """
+        active, bytes_up, reports = fates.active(), 0, {}
         for stage in STAGES[1:]:
             requests: dict[int, dict[str, Any]] = server.requests(stage)
             for node in sorted(active - requests.keys()):
                 fates.out(node, "dropped", f"left out of {stage}: too few of its neighbours remain")
             if stage == CONSISTENCY and len(requests) < self.min_survivors:
                 raise SecAggAbort(f"{len(requests)} masked inputs, below the minimum cohort {self.min_survivors}")
-            if stage == SHARE_KEYS:  # every advertiser's pinned key, to check neighbours' and signers' signatures
-                ids = sorted(requests)
-                keys = [registry[v] for v in ids]
-                requests = {u: {**r, SECAGG_REGISTRY_IDS: ids, SECAGG_REGISTRY_KEYS: keys} for u, r in requests.items()}
             replies = self._exchange(
                 grid, server_round, stage, {u: SecAggRequest(r) for u, r in requests.items()}, fates, stage_s
             )
@@ -280,8 +298,9 @@ class SecureRound:
                     reply = replies[u]
                     assert reply.report is not None and reply.contributor is not None  # required by the wire format
                     fates.contributed(u, reply.report, reply.contributor)
+                    reports[u] = reply.report
                     bytes_up += sum(v.nbytes for v in reply.msg.values() if isinstance(v, np.ndarray))
-        return bytes_up
+        return bytes_up, reports
 
     def _server_step(
         self,

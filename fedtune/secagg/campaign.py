@@ -4,8 +4,11 @@ Job: what both the coordinator's secure round driver (``fedtune.strategies.secur
 handlers (``fedtune.clients.secagg_client``) derive from the campaign, so a contributor never loads coordinator
 code. The messages themselves are :mod:`fedtune.wire`'s; the protocol is :mod:`fedtune.secagg.protocol`'s.
 
-Threat: the coordinator chooses the campaign, so :func:`check_setup` is what it refuses to run with; each
-contributor applies its own minimum cohort on top (see the stage handlers).
+Threat: the coordinator chooses the campaign, so :func:`check_setup` is what it refuses to run with, and
+:func:`round_degree` sizes k and t with the contributors' default policy (:mod:`fedtune.secagg.sizing`) so that an
+honest coordinator sends parameters they accept; each contributor checks them against its own policy anyway (see
+the stage handlers). A contributor may upload an out-of-range input or weight: SecAgg+ hides who, so
+:func:`decode_mean` refuses an aggregate whose sum, weight or mean is out of range, naming what is wrong.
 
 Pitfalls: both sides must flatten tensors in the same order (sorted names, never record order); the
 quantization must fit the update (see ``fedtune.strategies.secure`` on the clip range) and ``n · 2^bits``
@@ -20,8 +23,9 @@ import numpy as np
 
 from fedtune.config import CampaignConfig, ConfigError
 
-from .protocol import SecAggAbort, default_neighbours, default_threshold, effective_degree
+from .protocol import SecAggAbort
 from .quantize import QuantConfig, check_no_overflow, dequantize_sum
+from .sizing import SecAggPolicy, check_sizing, effective_degree, size_round, smallest_threshold
 
 
 def quant_config(cfg: CampaignConfig) -> QuantConfig:
@@ -31,11 +35,19 @@ def quant_config(cfg: CampaignConfig) -> QuantConfig:
     return QuantConfig(clip=float(clip), bits=sec.bits)
 
 
-def round_degree(cfg: CampaignConfig, cohort_size: int) -> tuple[int, int]:
-    """(neighbours k, threshold t) for a cohort, applying the campaign's 0 = automatic defaults."""
-    sec = cfg.secure_aggregation
-    k = sec.neighbours or default_neighbours(cohort_size)
-    return k, sec.threshold or default_threshold(effective_degree(cohort_size, k))
+def round_degree(cfg: CampaignConfig, cohort_size: int, policy: SecAggPolicy | None = None) -> tuple[int, int]:
+    """(neighbours k, threshold t) for a cohort: the campaign's values, or 0 = sized for ``policy``.
+
+    ``policy`` defaults to the contributors' default policy (σ = 40, γ = δ = 0.2), so an honest coordinator's
+    rounds pass every contributor that keeps the defaults.
+    """
+    sec, policy = cfg.secure_aggregation, policy or SecAggPolicy()
+    k, t = size_round(cohort_size, policy)
+    if sec.neighbours:
+        k = sec.neighbours
+        degree = effective_degree(cohort_size, k)
+        t = smallest_threshold(cohort_size, degree, policy) or degree // 2 + 1
+    return k, sec.threshold or t
 
 
 def check_setup(cfg: CampaignConfig) -> None:
@@ -44,8 +56,8 @@ def check_setup(cfg: CampaignConfig) -> None:
     Raises
     ------
     ConfigError
-        When the cohort's sum could overflow 2^32, the threshold does not fit the neighbour graph, or the
-        cohort is below the secure-aggregation minimum.
+        When the cohort's sum could overflow 2^32, the threshold does not fit the neighbour graph, the cohort is
+        below the secure-aggregation minimum, or contributors with the default policy would refuse k and t.
     """
     sec, n, src = cfg.secure_aggregation, cfg.federation.contributors_per_round, cfg.source_file or "<campaign>"
     if n < sec.min_cohort:
@@ -67,6 +79,15 @@ def check_setup(cfg: CampaignConfig) -> None:
             "[secure_aggregation] threshold",
             f"a threshold t with {degree}/2 < t <= {degree} (the neighbour degree for a cohort of {n})",
             sec.threshold,
+        )
+    refused = check_sizing(n, k, t, SecAggPolicy(min_cohort=sec.min_cohort))
+    if refused is not None:
+        key = "threshold" if sec.threshold else "neighbours"
+        raise ConfigError(
+            src,
+            f"[secure_aggregation] {key}",
+            f"values contributors with the default policy accept (0 = sized for them); they would refuse: {refused}",
+            sec.threshold or sec.neighbours,
         )
 
 
@@ -97,10 +118,47 @@ def encode_update(
     return np.append(weight_ratio * delta, weight_ratio * clip)
 
 
-def decode_mean(total: np.ndarray, quant: QuantConfig, survivors: int) -> tuple[np.ndarray, float]:
-    """Weighted mean update and ``Σ r_i`` from the unmasked sum of :func:`encode_update` vectors."""
-    sums = dequantize_sum(total, quant, survivors)
+def decode_mean(
+    total: np.ndarray, quant: QuantConfig, survivors: int, expected_weight: float | None = None
+) -> tuple[np.ndarray, float]:
+    """Weighted mean update and ``Σ r_i`` from the unmasked sum of :func:`encode_update` vectors, range-checked.
+
+    Every honest encoding has each code in ``[0, 2^bits − 1]`` and ``r_i ∈ (0, 1]``, so the sum of ``survivors``
+    of them has every code sum at most ``survivors · (2^bits − 1)``, a weight ``Σ r_i`` in ``(0, survivors]`` and a
+    mean within the clip range (up to the rounding bound). ``expected_weight`` (``Σ r_i`` from the weights the
+    server assigned) must match the decoded weight within rounding.
+
+    Raises
+    ------
+    SecAggAbort
+        When the aggregate is out of range (some survivor's input or weight was); the message names the check
+        and the coordinate. SecAgg+ hides which survivor it was.
+    """
+    n, levels = survivors, quant.levels
+    over = np.flatnonzero(np.asarray(total, dtype=np.uint64) > n * levels)
+    if over.size:
+        i = int(over[0])
+        what = "the weight coordinate" if i == total.size - 1 else f"coordinate {i}"
+        raise SecAggAbort(
+            f"aggregate out of range: {what} of the unmasked sum is {int(total[i])} > {n} x {levels} "
+            f"({over.size} coordinates): a survivor's masked input was out of range; not applied"
+        )
+    sums = dequantize_sum(total, quant, n)
     weight = float(sums[-1]) / quant.clip
-    if weight <= 0:
-        raise SecAggAbort(f"decoded total weight {weight:.3g} is not positive")
-    return sums[:-1] / weight, weight
+    slack = n * 2.0 / levels  # one rounding step per survivor, in units of r
+    if not 0 < weight <= n + 1e-9:
+        raise SecAggAbort(f"decoded total weight {weight:.6g} is outside (0, {n}] for {n} survivors; not applied")
+    if expected_weight is not None and abs(weight - expected_weight) > slack + 1e-9:
+        raise SecAggAbort(
+            f"decoded total weight {weight:.6g} differs from the {expected_weight:.6g} the server assigned to the "
+            f"{n} survivors (rounding allows {slack:.2g}): a survivor's weight coordinate is wrong; not applied"
+        )
+    mean = sums[:-1] / weight
+    bound = quant.clip + 2.0 * n * quant.mean_error_bound / weight
+    worst = int(np.argmax(np.abs(mean))) if mean.size else 0
+    if mean.size and abs(mean[worst]) > bound:
+        raise SecAggAbort(
+            f"decoded mean out of range: coordinate {worst} is {mean[worst]:.6g}, beyond the clip range "
+            f"±{quant.clip:g} (+{bound - quant.clip:.2g} rounding); not applied"
+        )
+    return mean, weight

@@ -7,7 +7,7 @@ a fixed update per contributor. Five contributors train, one declines, one crash
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.clients.app import LocalUpdate, register_handlers
+from fedtune.clients.policy import SIMULATION_STATE_ROOT_ENV
 from fedtune.config import CampaignConfig
 from fedtune.credit.ledger import Ledger, default_url
 from fedtune.credit.recorder import CreditKeeper
@@ -55,6 +56,14 @@ def campaign(secure: bool) -> CampaignConfig:
     if secure:
         raw["secure_aggregation"] = {"protocol": "secagg+", "stage_timeout_s": 5.0}
     return CampaignConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def virtual_contributors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The nodes are a simulation's virtual contributors: their state (policy) under the launcher's root."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SIMULATION_STATE_ROOT_ENV, str(tmp_path_factory.mktemp("contributors")))
+        yield
 
 
 def who(partition: int) -> ContributorInfo:

@@ -36,8 +36,7 @@ class Round:
         self.params = SecAggParams.create(campaign, round_id, IDS, 32, QUANT, neighbours=4, threshold=3)
         self.server = SecAggServer(self.params, REGISTRY)
         self.clients = {
-            cid: SecAggClient(cid, key, REGISTRY, CAMPAIGN, round_id=client_round)
-            for cid, (key, _) in IDENTITIES.items()
+            cid: SecAggClient(cid, key, CAMPAIGN, round_id=client_round) for cid, (key, _) in IDENTITIES.items()
         }
         self.inputs = {cid: np.full(32, 0.01 * cid, dtype=np.float32) for cid in IDS}
         self.stage = "advertise"
@@ -66,63 +65,87 @@ def _flip(data: bytes, index: int, bit: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("position", [0, 5, 11, 12, 40, -17, -1])  # nonce, body, tag
-def test_tampered_share_ciphertext_is_rejected(position: int) -> None:
+def test_tampered_share_ciphertext_is_not_kept_and_its_dealer_is_reported(position: int) -> None:
     rnd = Round()
     requests = rnd.run_until("masked_input")
     u = IDS[0]
     msg = dict(requests[u])
     msg["ciphertext"] = list(msg["ciphertext"])
     msg["ciphertext"][0] = _flip(msg["ciphertext"][0], position)
-    with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    reply = rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    assert reply["bad_dealers"] == [msg["src"][0]] and msg["src"][0] not in rnd.clients[u]._held
+    assert set(rnd.clients[u]._held) == set(msg["src"][1:])
 
 
-def test_share_ciphertext_relabelled_to_another_sender_is_rejected() -> None:
+def test_share_ciphertext_relabelled_to_another_sender_is_not_kept() -> None:
     rnd = Round()
     requests = rnd.run_until("masked_input")
     u = IDS[0]
     msg = dict(requests[u])
-    msg["src"] = list(reversed(msg["src"]))  # same ciphertexts, claimed to come from other neighbours
-    with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    msg["ciphertext"] = list(reversed(msg["ciphertext"]))  # same ciphertexts, claimed to come from other neighbours
+    reply = rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    assert reply["bad_dealers"] == sorted(msg["src"]) and not rnd.clients[u]._held
+
+
+def test_share_that_does_not_match_its_hash_is_not_kept() -> None:
+    rnd = Round()
+    requests = rnd.run_until("masked_input")
+    u = IDS[0]
+    msg = {**requests[u], "b_hash": [bytes(32), *requests[u]["b_hash"][1:]]}
+    reply = rnd.clients[u].masked_input(msg, rnd.inputs[u])
+    assert reply["bad_dealers"] == [msg["src"][0]]
+
+
+def _share_keys_after_forged_view(rnd: Round, u: int, forge: Any) -> dict[str, Any]:
+    """Client ``u`` signs the view as ``forge`` altered it, everyone else the genuine one; the next request to ``u``."""
+    requests = rnd.run_until("view")
+    replies = {v: rnd.clients[v].sign_view(forge(dict(msg)) if v == u else msg) for v, msg in requests.items()}
+    return {
+        "campaign_id": CAMPAIGN,
+        "round": 1,
+        "stage": "share_keys",
+        "ids": IDS,
+        "nonce": [replies[v]["nonce"] for v in IDS],
+        "signature": [replies[v]["signature"] for v in IDS],
+    }
 
 
 def test_server_substituted_ephemeral_key_is_rejected_by_client() -> None:
     rnd = Round()
-    requests = rnd.run_until("share_keys")
-    u = IDS[0]
-    msg = dict(requests[u])
-    msg["c_pk"] = [rnd.clients[u]._c_key.public_bytes[::-1]] + list(msg["c_pk"][1:])  # type: ignore[union-attr]
-    with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].share_keys(msg)
+
+    def substitute(msg: dict[str, Any]) -> dict[str, Any]:  # another member's key, replaced
+        return {**msg, "c_pk": [msg["c_pk"][0], msg["c_pk"][2][::-1], *msg["c_pk"][2:]]}
+
+    request = _share_keys_after_forged_view(rnd, IDS[0], substitute)
+    with pytest.raises(SecAggCryptoError):  # that member signed the view with its own key
+        rnd.clients[IDS[0]].share_keys(request)
+    assert rnd.clients[IDS[0]].graph is None
 
 
 def test_keys_signed_by_unregistered_identity_are_rejected_by_server() -> None:
     rnd = Round()
     impostor_key, _ = generate_identity()
-    impostor = SecAggClient(IDS[1], impostor_key, REGISTRY, CAMPAIGN)
+    impostor = SecAggClient(IDS[1], impostor_key, CAMPAIGN)
     forged = impostor.advertise_keys(rnd.server.advertise_request())
     with pytest.raises(SecAggCryptoError):
         rnd.server.receive_advertise(forged)
-    stranger = SecAggClient(999, impostor_key, REGISTRY, CAMPAIGN)
+    stranger = SecAggClient(999, impostor_key, CAMPAIGN)
     with pytest.raises(SecAggProtocolError):  # not in the cohort at all
         stranger.advertise_keys(rnd.server.advertise_request())
 
 
-def test_keys_signed_by_unregistered_identity_are_rejected_by_peer() -> None:
-    """Even if the server forwards a forged key, the neighbour checks it against the registry."""
+def test_keys_of_an_impostor_are_rejected_by_peer() -> None:
+    """Even if the server lists an impostor's keys for a member, that member's view signature does not cover them."""
     rnd = Round()
-    requests = rnd.run_until("share_keys")
-    u = IDS[0]
-    msg = dict(requests[u])
-    v = msg["ids"][0]
     impostor_key, _ = generate_identity()
-    forged = SecAggClient(v, impostor_key, REGISTRY, CAMPAIGN).advertise_keys(rnd.server.advertise_request())
-    msg["c_pk"] = [forged["c_pk"]] + list(msg["c_pk"][1:])
-    msg["s_pk"] = [forged["s_pk"]] + list(msg["s_pk"][1:])
-    msg["signature"] = [forged["signature"]] + list(msg["signature"][1:])
+    forged = SecAggClient(IDS[1], impostor_key, CAMPAIGN).advertise_keys(rnd.server.advertise_request())
+
+    def impersonate(msg: dict[str, Any]) -> dict[str, Any]:
+        return {**msg, **{k: [msg[k][0], forged[k], *msg[k][2:]] for k in ("c_pk", "s_pk", "nonce_commit")}}
+
+    request = _share_keys_after_forged_view(rnd, IDS[0], impersonate)
     with pytest.raises(SecAggCryptoError):
-        rnd.clients[u].share_keys(msg)
+        rnd.clients[IDS[0]].share_keys(request)
 
 
 @pytest.mark.parametrize("field,value", [("round", 2), ("campaign_id", "campaign-B")])
@@ -229,3 +252,20 @@ def test_overflow_configuration_is_refused() -> None:
             check_no_overflow(n, bits)
     with pytest.raises(ValueError, match="overflow"):
         SecAggParams.create(CAMPAIGN, 1, range(300), 8, QuantConfig(clip=1.0, bits=24))
+
+
+class GarbageDealer(SecAggClient):
+    """A client whose every share ciphertext is corrupted: its holders cannot use its shares."""
+
+    def share_keys(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reply = super().share_keys(msg)
+        return {**reply, "ciphertext": [_flip(ct, 20) for ct in reply["ciphertext"]]}
+
+
+def test_a_dealer_whose_shares_its_holders_reject_stops_the_round_before_any_share_is_revealed() -> None:
+    rnd = Round()
+    cheat = IDS[2]
+    rnd.clients[cheat] = GarbageDealer(cheat, IDENTITIES[cheat][0], CAMPAIGN)
+    with pytest.raises(SecAggAbort, match=rf"client {cheat}'s shares: 4 of its 4 live holders report them invalid"):
+        rnd.run_until("consistency")
+    assert not rnd.server._b_shares and not rnd.server._s_shares

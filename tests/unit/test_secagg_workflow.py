@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 
+from fedtune.clients.policy import SIMULATION_STATE_ROOT_ENV
 from fedtune.clients.secagg_client import handle_stage, identity_key
 from fedtune.config import CampaignConfig, ConfigError
 from fedtune.secagg import QuantConfig, SecAggClient, SecAggParams, SecAggServer, generate_identity, run_round
@@ -35,7 +36,7 @@ def test_weighted_mean_and_total_weight_come_out_of_the_secure_sum() -> None:
     idents = {c: generate_identity() for c in vectors}
     registry = {c: pub for c, (_, pub) in idents.items()}
     params = SecAggParams.create("c", 1, vectors, len(vectors[1]), quant)
-    clients = {c: SecAggClient(c, key, registry, "c") for c, (key, _) in idents.items()}
+    clients = {c: SecAggClient(c, key, "c") for c, (key, _) in idents.items()}
     result = run_round(SecAggServer(params, registry), clients, vectors, {"masked_input": {3}})
     mean, weight = decode_mean(result.total, quant, len(result.survivors))
     kept = [i for i in range(5) if i + 1 in result.survivors]
@@ -105,7 +106,8 @@ def test_identity_key_from_the_state_dir_or_derived_in_simulation(tmp_path: Path
     assert simulated[0] == simulated[1] != simulated[2]
 
 
-def test_contributor_refuses_a_cohort_below_its_minimum() -> None:
+def test_contributor_refuses_a_cohort_below_its_minimum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIMULATION_STATE_ROOT_ENV, str(tmp_path))
     cfg = CampaignConfig.from_dict(small_campaign(secure_aggregation={**SECURE, "min_cohort": 3}))
     seen = []
 
@@ -116,8 +118,11 @@ def test_contributor_refuses_a_cohort_below_its_minimum() -> None:
         raise RuntimeError("stop before training")
 
     train = TrainRequest.of(cfg, "fingerprint", 1, {"b": np.zeros(3, dtype=np.float32)})
-    advertise = {"campaign_id": "test", "round": 1, "stage": "advertise", "cohort": [5, 9], "weight_max": 12.0}
-    message = SimpleNamespace(content=SecAggRequest(advertise, train).content())
+    params = SecAggParams.create("test", 1, [5, 9], 4, quant_config(cfg)).to_message()
+    advertise = {**params, "stage": "advertise", "weight_max": 12.0}
+    message = SimpleNamespace(
+        content=SecAggRequest(advertise, train).content(), metadata=SimpleNamespace(dst_node_id=5)
+    )
     with pytest.raises(RuntimeError, match="stop before training"):
         handle_stage("advertise", trainer, message, _context())
-    assert seen == [(1, "secure-aggregation cohort of 2 is below the campaign minimum 3")]
+    assert seen == [(1, "secure-aggregation cohort of 2 is below this contributor's minimum 3")]
