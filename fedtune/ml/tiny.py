@@ -1,10 +1,14 @@
-"""A tiny causal LM and byte-level tokenizer, built locally and loaded like any hub model.
+"""Built-in base models, loaded like any hub model through ``from_pretrained``: nothing is downloaded.
 
-Nothing can be downloaded on the machines fedtune is developed and tested on, so the quickstart and the
-tests use this model. It is written once with ``save_pretrained`` and then read back through the real
-``AutoModelForCausalLM.from_pretrained`` path. The build is deterministic (fixed seed, byte-level
-vocabulary with no learned merges), so every machine builds the same weights and the same base
-fingerprint: a coordinator and its contributors agree without shipping the files.
+- ``builtin:tiny-llama``: a randomly initialised tiny Llama (about 360k parameters) with a byte-level
+  tokenizer, for the tests. Built on first use into the cache with ``save_pretrained``; the build is
+  deterministic (fixed seed, byte-level vocabulary with no learned merges), so every machine builds the same
+  weights and the same base fingerprint.
+- ``builtin:stdlib-llama``: the quickstart's base, a 1.1M-parameter Llama with a 2,048-token BPE tokenizer
+  pretrained on Python's standard library source and license texts (``experiments/base/train_stdlib_llama.py``).
+  Its files ship inside the package (``fedtune/ml/builtin/stdlib-llama``, float16 weights, about 2.3 MB),
+  because a training run is not bit-reproducible across machines and the coordinator and every contributor
+  must hold byte-identical weights.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 TINY_LLAMA = "builtin:tiny-llama"
+STDLIB_LLAMA = "builtin:stdlib-llama"
+SHIPPED = {STDLIB_LLAMA: Path(__file__).resolve().parent / "builtin" / "stdlib-llama"}
+"""Built-ins whose files are part of the package (trained, not built)."""
 _BUILD_VERSION = "1"
 
 
@@ -25,8 +32,12 @@ def cache_root() -> Path:
 
 def builtin_path(name: str) -> Path:
     """Directory of a built-in model, building it first if absent."""
+    if name in SHIPPED:
+        if not (SHIPPED[name] / "model.safetensors").is_file():
+            raise ValueError(f"built-in model {name!r} is missing its files in {SHIPPED[name]}; reinstall fedtune")
+        return SHIPPED[name]
     if name != TINY_LLAMA:
-        raise ValueError(f"unknown built-in model {name!r}; known: {TINY_LLAMA}")
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join([TINY_LLAMA, *SHIPPED])}")
     target = cache_root() / "models" / f"tiny-llama-v{_BUILD_VERSION}"
     if not (target / "model.safetensors").exists():
         build_tiny_llama(target)
