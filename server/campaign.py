@@ -25,8 +25,7 @@ from fedtune.console import campaign_round_line
 from fedtune.credit.ledger import Ledger, resolve_url
 from fedtune.credit.recorder import CreditKeeper
 from fedtune.files import atomic_write_dir
-from fedtune.ml.data import load_eval
-from fedtune.ml.evaluation import evaluate_loss
+from fedtune.ml.evaluation import Evaluator
 from fedtune.ml.model import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
 from fedtune.rundir import RunDir
 from fedtune.strategies.secure import SecAggWorkflow
@@ -114,15 +113,15 @@ class CampaignServer:
         # validates the setup (sum overflow, threshold) before anything is built or written; None: plain aggregation
         self.secure = SecAggWorkflow(cfg, run_dir.root) if cfg.secure_aggregation.protocol == "secagg+" else None
         self.model, tokenizer = build_model(cfg)
-        self.eval_set = load_eval(cfg, tokenizer)
+        self.evaluator = Evaluator(cfg, tokenizer)  # eval set, tasks, pinned threads: [evaluation]
         self.fingerprint = base_fingerprint(cfg.model)
         self.ledger = Ledger.open(resolve_url(run_dir.root, cfg.credit.db or None))
         n_base, n_adapter = count_parameters(self.model)
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.credits = CreditKeeper(cfg, self.ledger, n_base, n_adapter, n_trainable)
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate_loss(self.model, self.eval_set)
+    def evaluate(self, server_round: int = 0) -> dict[str, Any]:
+        return self.evaluator.run(self.model, server_round)
 
     def save_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray], strategy: FedAvg) -> None:
         """The shared adapter (PEFT format) plus what a restarted coordinator needs to carry on."""
@@ -239,7 +238,7 @@ class CampaignServer:
             )
         row = {
             "round": server_round,
-            **self.evaluate(),
+            **self.evaluate(server_round),
             "train_loss": train_loss,
             "applied": applied,
             "participants": len(replies.accepted) if applied else 0,
@@ -288,7 +287,7 @@ class CampaignServer:
         train_loss = result.train_metrics.get("train_loss") if result.train_metrics else None
         row = {
             "round": server_round,
-            **self.evaluate(),
+            **self.evaluate(server_round),
             "applied": result.applied,
             "train_loss": None if train_loss is None else float(train_loss),
             "participants": participants,
