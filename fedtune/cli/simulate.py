@@ -102,6 +102,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault("federation", {})["rounds"] = args.rounds
     if args.contributors is not None:
         out.setdefault("simulation", {})["contributors"] = args.contributors
+    if args.eval_threads is not None:
+        out.setdefault("evaluation", {})["threads"] = args.eval_threads
     return out
 
 
@@ -152,6 +154,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--run-dir", help="where to write the run (default: [campaign] run_dir)")
     sim.add_argument("--rounds", type=int, help="override [federation] rounds")
     sim.add_argument("--contributors", type=int, help="override [simulation] contributors")
+    sim.add_argument(
+        "--eval-threads", type=int, help="override [evaluation] threads (torch threads of the server's evaluation)"
+    )
     sim.add_argument(
         "--resume", action="store_true", help="carry on an interrupted run in --run-dir from its last completed round"
     )
