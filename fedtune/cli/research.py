@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from fedtune.config import ConfigError
 
@@ -22,16 +21,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    if args.rounds is not None:
-        out.setdefault("federation", {})["rounds"] = args.rounds
-    if args.contributors is not None:
-        out.setdefault("simulation", {})["contributors"] = args.contributors
-    return out
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedtune.cli.simulate import _overrides
     from fedtune.config import load_config
     from fedtune.preflight import check_campaign
     from fedtune.research.sweep import Sweep, parse_axis, run_sweep
@@ -40,12 +31,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if len({a.name for a in axes}) != len(axes):
         raise ConfigError(args.config, "--set", "each section.key at most once", [a.name for a in axes])
     root = Path(args.out) if args.out else Path(load_config(args.config).campaign.run_dir + "-sweep")
-    sweep = Sweep(Path(args.config), axes, root.resolve(), _sweep_overrides(args))
+    sweep = Sweep(Path(args.config), axes, root.resolve(), _overrides(args))
     if not args.verbose:
         from fedtune.cli.simulate import quiet_libraries
 
         quiet_libraries()
-    print(f"sweep of {len(sweep.points)} point(s) in {sweep.root}", file=sys.stderr)
     return run_sweep(sweep, check=check_campaign, say=lambda line: print(line, flush=True), verbose=args.verbose)
 
 
@@ -87,6 +77,7 @@ def add_research_parsers(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--out", help="sweep folder (default: the campaign's run_dir + '-sweep'); rerun to resume")
     sw.add_argument("--rounds", type=int, help="override [federation] rounds for every point")
     sw.add_argument("--contributors", type=int, help="override [simulation] contributors for every point")
+    sw.add_argument("--eval-threads", type=int, help="override [evaluation] threads for every point")
     sw.add_argument("--verbose", action="store_true", help="show each point's simulation output")
     sw.set_defaults(func=cmd_sweep)
 

@@ -78,6 +78,14 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     console = Console()
     console.print(table)
     _top_contributors(console, run_dir)
+    with_tasks = [r for r in rows if r.get("tasks")]
+    if with_tasks:
+        scored = with_tasks[-1]
+        parts = [
+            f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "timeouts"))
+            for task, metrics in scored["tasks"].items()
+        ]
+        console.print(f"task metrics after round {scored['round']}: " + "; ".join(parts))
     if len(rows) > 1:
         first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
         console.print(

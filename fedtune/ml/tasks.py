@@ -130,29 +130,35 @@ class Task:
         return choices, index
 
     @torch.no_grad()
-    def score_choice(self, model: torch.nn.Module, tokenizer, bos: bool) -> dict[str, float]:
+    def choice_loglikelihoods(self, model: torch.nn.Module, tokenizer, row: dict[str, Any], bos: bool) -> list[float]:
+        """log p(choice_prefix + choice | prompt) of each choice of ``row``, one padded batch."""
         device = next(model.parameters()).device
         limit = _context_limit(model)
+        choices, _ = self.choice_item(row)
+        context = _encode(tokenizer, self.spec.prompt_template.format(**row))
+        if bos or not context:
+            context = [_start_token(tokenizer), *context]
+        conts = [_encode(tokenizer, self.spec.choice_prefix + c) for c in choices]
+        seqs = [(context + cont)[-limit:] for cont in conts]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        logprobs = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        scores = []
+        for i, (s, cont) in enumerate(zip(seqs, conts, strict=True)):
+            n = min(len(cont), len(s) - 1)
+            positions = torch.arange(len(s) - n - 1, len(s) - 1, device=device)
+            targets = torch.tensor(s[len(s) - n :], device=device)
+            scores.append(float(logprobs[i, positions, targets].sum()))
+        return scores
+
+    def score_choice(self, model: torch.nn.Module, tokenizer, bos: bool) -> dict[str, float]:
         correct = correct_norm = 0
         for row in self.rows:
             choices, gold = self.choice_item(row)
-            context = _encode(tokenizer, self.spec.prompt_template.format(**row))
-            if bos or not context:
-                context = [_start_token(tokenizer), *context]
-            conts = [_encode(tokenizer, self.spec.choice_prefix + c) for c in choices]
-            seqs = [(context + cont)[-limit:] for cont in conts]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-            logprobs = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-            scores = []
-            for i, (s, cont) in enumerate(zip(seqs, conts, strict=True)):
-                n = min(len(cont), len(s) - 1)
-                positions = torch.arange(len(s) - n - 1, len(s) - 1, device=device)
-                targets = torch.tensor(s[len(s) - n :], device=device)
-                scores.append(float(logprobs[i, positions, targets].sum()))
+            scores = self.choice_loglikelihoods(model, tokenizer, row, bos)
             norm = [sc / max(1, len(c)) for sc, c in zip(scores, choices, strict=True)]
             correct += int(_argmax(scores) == gold)
             correct_norm += int(_argmax(norm) == gold)

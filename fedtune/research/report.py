@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.files import atomic_write_bytes, atomic_write_text
-from fedtune.research.summary import RunSummary, differing_keys, read_config, summarize
+from fedtune.research.summary import RunSummary, differing_keys, fmt, read_config, summarize
 from fedtune.rundir import LEDGER_FILENAME, RunDir
 
 
@@ -73,9 +73,13 @@ def _figure(ncols: int, title: str):  # -> (Figure, list[Axes])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(max(7.0, 5.2 * ncols), 3.6), squeeze=False)
     fig.suptitle(title)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     return fig, list(axes[0])
 
 
@@ -100,7 +104,7 @@ def plot_loss(runs: list[Run]) -> bytes:
         ax_loss.plot(*_series(run, "eval_loss"), marker="o", ms=3, label=run.label)
         ax_ppl.plot(*_series(run, "perplexity"), marker="o", ms=3, label=run.label)
     ax_loss.set(xlabel="round", ylabel="eval loss (nats)")
-    ax_ppl.set(xlabel="round", ylabel="perplexity", yscale="log")
+    ax_ppl.set(xlabel="round", ylabel="perplexity")
     _legend(ax_loss, runs)
     return _png(fig)
 
@@ -219,14 +223,6 @@ def plot_credit(runs: list[Run]) -> bytes | None:
     return _png(fig)
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def summary_table(runs: list[Run]) -> str:
     keys = differing_keys([r.config for r in runs]) if len(runs) > 1 else []
     metrics = task_metrics(runs)
@@ -236,10 +232,10 @@ def summary_table(runs: list[Run]) -> str:
         s = run.summary
         flat = {f"{sec}.{k}": v for sec, vals in run.config.items() for k, v in vals.items()}
         cells = [run.label, *(flat.get(k) for k in keys), f"{s.rounds_done}/{s.planned_rounds}"]
-        cells += [_fmt(s.eval_loss_initial), _fmt(s.eval_loss_final), _fmt(s.loss_drop_pct, 1)]
-        cells += [_fmt(s.tasks.get(m.split("/")[0], {}).get(m.split("/", 1)[1])) for m in metrics]
-        cells += [_fmt(s.epsilon_max, 2), _fmt((s.bytes_up + s.bytes_down) / 1e6, 3), _fmt(s.wall_s, 1)]
-        lines.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
+        cells += [fmt(s.eval_loss_initial), fmt(s.eval_loss_final), fmt(s.loss_drop_pct, 1)]
+        cells += [fmt(s.tasks.get(m.split("/")[0], {}).get(m.split("/", 1)[1])) for m in metrics]
+        cells += [fmt(s.epsilon_max, 2), fmt((s.bytes_up + s.bytes_down) / 1e6, 3), fmt(s.wall_s, 1)]
+        lines.append("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in cells) + "</tr>")
     return "\n".join([*lines, "</table>"])
 
 

@@ -57,6 +57,15 @@ class RunSummary:
         }
 
 
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` places, missing values as ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The run's resolved campaign as a plain dict ({} if the run has none)."""
     path = Path(run_dir) / "config.toml"

@@ -34,7 +34,7 @@ from typing import Any
 
 from fedtune.config import CampaignConfig, ConfigError, load_config
 from fedtune.files import atomic_write_text
-from fedtune.research.summary import RunSummary, summarize
+from fedtune.research.summary import RunSummary, fmt, summarize
 from fedtune.rundir import RunDir
 
 SCHEMA = "fedtune.sweep/1"
@@ -168,8 +168,12 @@ class Sweep:
             old = json.loads(spec_file.read_text(encoding="utf-8"))
             keys = ("config", "axes", "overrides", "explicit")
             if {k: old.get(k) for k in keys} != {k: self.spec()[k] for k in keys}:
+                started = old.get("explicit") or old.get("axes")
                 raise ConfigError(
-                    spec_file, "(sweep)", "the same campaign file, --set axes and overrides as when it started", old
+                    spec_file,
+                    "(sweep)",
+                    "the campaign file, --set axes and overrides it was started with (or another --out)",
+                    f"{Path(old.get('config', '?')).name} {started} {old.get('overrides') or ''}".strip(),
                 )
         cfgs = []
         for point in self.points:
@@ -229,6 +233,7 @@ def run_sweep(
     """Validate every point, run the unfinished ones in order, write the table; 0 if every point finished."""
     cfgs = sweep.validate(check)
     sweep.write_spec(cfgs)
+    say(f"sweep of {len(cfgs)} point(s) in {sweep.root}")
     failed = []
     for i, (point, cfg) in enumerate(zip(sweep.points, cfgs, strict=True), start=1):
         state = sweep.status(point, cfg)
@@ -280,13 +285,6 @@ def format_table(rows: list[dict[str, Any]], axes: list[str], named: bool = Fals
         "MB",
         "wall s",
     ]
-
-    def fmt(value: Any, digits: int = 4) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        return str(value)
 
     body = []
     for r in rows:

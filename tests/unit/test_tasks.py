@@ -87,9 +87,10 @@ def test_multiple_choice_accuracy_matches_reference_loglikelihoods(checkpoint, t
         ("import os\nos.path.", ["join", "zzz", "qq"]),
         ("1 2 3", ["4", "five", "6 7"]),
     ]
-    best, best_norm = [], []
+    best, best_norm, reference = [], [], []
     for prompt, choices in items:
         scores = [reference_logprob(model, tok, prompt, " " + c) for c in choices]
+        reference.append(scores)
         best.append(max(range(3), key=scores.__getitem__))
         norm = [s / len(c) for s, c in zip(scores, choices, strict=True)]
         best_norm.append(max(range(3), key=norm.__getitem__))
@@ -103,7 +104,10 @@ def test_multiple_choice_accuracy_matches_reference_loglikelihoods(checkpoint, t
         split="train",
         choices_field="choices",
     )
-    got = Task.load(spec).score(model, tok)
+    task = Task.load(spec)
+    for row, ref in zip(task.rows, reference, strict=True):
+        assert task.choice_loglikelihoods(model, tok, row, bos=False) == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    got = task.score(model, tok)
     gold = [best[0], best[1], best[2], (best[3] + 1) % 3]
     assert got["acc"] == pytest.approx(3 / 4)
     assert got["acc_norm"] == pytest.approx(sum(int(b == g) for b, g in zip(best_norm, gold, strict=True)) / 4)
