@@ -152,6 +152,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
         return 1
     _summary(run_dir.root, rows)
+    if len(rows) > 1 and not any(r.get("applied", r.get("participants", 0) > 0) for r in rows[1:]):
+        print(
+            "error: no round applied an update (every contributor failed or declined); see the log with --verbose",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
