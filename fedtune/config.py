@@ -55,11 +55,15 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
-    """LoRA adapter. ``ffa`` freezes A (derived from the campaign seed) so aggregation is exact."""
+    """LoRA adapter. ``ffa`` freezes A (derived from the campaign seed) so aggregation is exact.
+
+    FFA trains B only, so it needs about twice the rank A+B LoRA would get for the same quality (and sends about
+    the same bytes): the default is 16, twice the usual A+B rank of 8 (``bench/bench_quality.py``, README).
+    """
 
     mode: Literal["ffa", "lora"] = "ffa"
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 

@@ -142,6 +142,8 @@ def plot_epsilon(runs: list[Run]) -> bytes | None:
     for i, run in enumerate(runs):
         color = f"C{i}"
         names = sorted({n for r in run.rows for n in (r.get("epsilon") or {})})
+        if not names:
+            continue
         for name in names:
             pts = [(r["round"], r["epsilon"][name]) for r in run.rows if name in (r.get("epsilon") or {})]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.35, lw=1)
@@ -155,15 +157,20 @@ def plot_epsilon(runs: list[Run]) -> bytes | None:
 
 
 def plot_participation(runs: list[Run]) -> bytes:
-    fig, (ax_in, ax_out) = _figure(2, "participation")
-    for run in runs:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_in, ax_out) = _figure(2, "participation (declined: solid, failed or dropped: dashed)")
+    for i, run in enumerate(runs):
         rows = [r for r in run.rows if r["round"] > 0]
         rounds = [r["round"] for r in rows]
-        ax_in.plot(rounds, [r.get("participants", 0) for r in rows], marker="o", ms=3, label=run.label)
-        ax_out.plot(rounds, [r.get("declined", 0) for r in rows], marker="v", ms=4, label=f"{run.label} declined")
-        ax_out.plot(rounds, [r.get("failed", 0) for r in rows], marker="x", ms=4, ls="--", label=f"{run.label} failed")
+        ax_in.plot(rounds, [r.get("participants", 0) for r in rows], marker="o", ms=3, color=f"C{i}", label=run.label)
+        ax_out.plot(rounds, [r.get("declined", 0) for r in rows], marker="v", ms=4, color=f"C{i}", label=run.label)
+        ax_out.plot(rounds, [r.get("failed", 0) for r in rows], marker="x", ms=4, ls="--", color=f"C{i}")
     ax_in.set(xlabel="round", ylabel="contributors in the aggregate")
     ax_out.set(xlabel="round", ylabel="declined / failed")
+    for ax in (ax_in, ax_out):
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(ax_in, runs)
     _legend(ax_out, runs)
     return _png(fig)
