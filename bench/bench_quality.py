@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import platform
 import time
@@ -69,7 +70,19 @@ def centralized(cfg: CampaignConfig, threads: int) -> dict[str, float]:
     initial = evaluator.run(model, 0)["eval_loss"]
     steps = fed.rounds * fed.contributors_per_round * fed.local_steps
     start = time.perf_counter()
-    result = train_local(model, pooled, steps, fed.batch_size, fed.learning_rate, seed=cfg.campaign.seed)
+    if "randomness" in inspect.signature(train_local).parameters:  # the trainer's keyword-only API after h-train
+        from fedtune.clients.trainer import Randomness
+
+        result = train_local(
+            model,
+            pooled,
+            steps=steps,
+            batch_size=fed.batch_size,
+            learning_rate=fed.learning_rate,
+            randomness=Randomness.from_seed(cfg.campaign.seed),
+        )
+    else:
+        result = train_local(model, pooled, steps, fed.batch_size, fed.learning_rate, seed=cfg.campaign.seed)
     final = evaluator.run(model, fed.rounds)["eval_loss"]
     return {
         "initial": initial,

@@ -120,22 +120,11 @@ def windows(stream: torch.Tensor, batch: int, seq: int, gen: torch.Generator) ->
 
 
 def build_model(tokenizer):  # -> LlamaForCausalLM
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
+    from fedtune.ml.tiny import small_llama_config
+
+    return LlamaForCausalLM(small_llama_config(tokenizer, hidden_size=128, intermediate_size=384, num_hidden_layers=4))
 
 
 @torch.no_grad()

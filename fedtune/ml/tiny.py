@@ -22,6 +22,8 @@ TINY_LLAMA = "builtin:tiny-llama"
 STDLIB_LLAMA = "builtin:stdlib-llama"
 SHIPPED = {STDLIB_LLAMA: Path(__file__).resolve().parent / "builtin" / "stdlib-llama"}
 """Built-ins whose files are part of the package (trained, not built)."""
+BUILTIN_MODELS = (TINY_LLAMA, STDLIB_LLAMA)
+"""Every ``builtin:`` model name fedtune knows."""
 _BUILD_VERSION = "1"
 
 
@@ -37,7 +39,7 @@ def builtin_path(name: str) -> Path:
             raise ValueError(f"built-in model {name!r} is missing its files in {SHIPPED[name]}; reinstall fedtune")
         return SHIPPED[name]
     if name != TINY_LLAMA:
-        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join([TINY_LLAMA, *SHIPPED])}")
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     target = cache_root() / "models" / f"tiny-llama-v{_BUILD_VERSION}"
     if not (target / "model.safetensors").exists():
         build_tiny_llama(target)
@@ -60,20 +62,15 @@ def _byte_level_tokenizer():  # -> PreTrainedTokenizerFast
     )
 
 
-def build_tiny_llama(target: Path, seed: int = 0) -> Path:
-    """Build and save the tiny Llama (about 360k parameters) and its tokenizer to ``target``.
+def small_llama_config(tokenizer, hidden_size: int, intermediate_size: int, num_hidden_layers: int):  # -> LlamaConfig
+    """A small Llama with 4 heads, tied embeddings, 512 positions and the tokenizer's vocabulary and specials."""
+    from transformers import LlamaConfig
 
-    Written to a temporary directory first and renamed, so a crash never leaves a half-built model.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _byte_level_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
@@ -82,6 +79,18 @@ def build_tiny_llama(target: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def build_tiny_llama(target: Path, seed: int = 0) -> Path:
+    """Build and save the tiny Llama (about 360k parameters) and its tokenizer to ``target``.
+
+    Written to a temporary directory first and renamed, so a crash never leaves a half-built model.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    config = small_llama_config(tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

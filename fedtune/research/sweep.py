@@ -161,7 +161,7 @@ class Sweep:
         cfg.campaign.name = f"{cfg.campaign.name}-{point.name}"
         return cfg
 
-    def validate(self, check: Callable[[CampaignConfig, str], None] | None = None) -> list[CampaignConfig]:
+    def validate(self, check: Callable[[CampaignConfig], Any] | None = None) -> list[CampaignConfig]:
         """Load every point's config (and run ``check`` on it) before anything is written; refuse another grid."""
         spec_file = self.root / "sweep.json"
         if spec_file.is_file():
@@ -179,7 +179,7 @@ class Sweep:
         for point in self.points:
             cfg = self.point_config(point)
             if check is not None:
-                check(cfg, str(self.config))
+                check(cfg)
             cfgs.append(cfg)
         return cfgs
 
@@ -226,7 +226,7 @@ class Sweep:
 
 def run_sweep(
     sweep: Sweep,
-    check: Callable[[CampaignConfig, str], None] | None = None,
+    check: Callable[[CampaignConfig], Any] | None = None,
     say: Callable[[str], None] = print,
     verbose: bool = False,
 ) -> int:
