@@ -55,18 +55,27 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
-    """LoRA adapter. ``ffa`` freezes A (derived from the campaign seed) so aggregation is exact."""
+    """LoRA adapter. ``ffa`` freezes A (derived from the campaign seed) so aggregation is exact.
+
+    FFA trains B only, so it needs about twice the rank A+B LoRA would get for the same quality (and sends about
+    the same bytes): the default is 16, twice the usual A+B rank of 8 (``bench/bench_quality.py``, README).
+    """
 
     mode: Literal["ffa", "lora"] = "ffa"
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass
 class DataSection:
-    """Training text: a local jsonl/json/txt/parquet/csv file or a ``datasets`` hub id."""
+    """Training text: a local jsonl/json/txt/parquet/csv file or a ``datasets`` hub id.
+
+    Instruction rows render through ``template`` (``{instruction}``, ``{input}``, ``{response}``), or through the
+    tokenizer's own chat template with ``chat_template = true``. ``label_field`` is the column the dirichlet
+    partitioner splits by; it must be named (no column is guessed).
+    """
 
     source: str = ""
     format: Literal["text", "instruction"] = "text"
@@ -77,6 +86,14 @@ class DataSection:
     eval_fraction: float = 0.1
     eval_max_examples: int = 256
     split: str = "train"
+    subset: str = ""  # a hub dataset's configuration name ("" = its default)
+    input_field: str = ""  # instruction format: an optional context column (alpaca's "input")
+    template: str = ""  # instruction format: "" = fedtune's "### Instruction/### Input/### Response" layout
+    chat_template: bool = False  # instruction format: render with the tokenizer's chat template
+    system_prompt: str = ""  # chat_template: a system message before each example ("" = none)
+    add_special_tokens: bool = False  # let the tokenizer add its own special tokens (e.g. a Llama BOS)
+    append_eos: bool = True  # end every example with the tokenizer's EOS (trained on, and scored)
+    label_field: str = ""  # the column the dirichlet partitioner splits by
 
 
 @dataclass
@@ -136,6 +153,66 @@ class SecureAggregationSection:
 
 
 @dataclass
+class TaskSection:
+    """One task metric computed on the shared adapter (:mod:`fedtune.ml.tasks`); ``kind`` picks which keys apply.
+
+    - ``choice``: multiple-choice accuracy by log-likelihood (``acc``, and ``acc_norm`` per answer character).
+      Choices come from a list/dict column (``choices_field``), from separate columns (``choice_fields``), or
+      are the constant ``choices``; ``answer_field`` holds an index, a letter or the right choice's text.
+    - ``exact_match``: greedy generation, SQuAD-normalised exact match and token F1 against ``answer_field``
+      (a string or a list of acceptable strings).
+    - ``pass_at_k``: ``samples`` completions per problem, each run with ``test_field`` (and
+      ``check(entry_point)``) in a resource-limited subprocess; the unbiased pass@k of Chen et al. (2021).
+    """
+
+    name: str = ""
+    kind: Literal["choice", "exact_match", "pass_at_k"] = "choice"
+    source: str = ""
+    subset: str = ""
+    split: str = "test"
+    max_examples: int = 100  # 0: all
+    prompt_template: str = "{question}"  # str.format over the row's columns
+    choices_field: str = ""
+    choice_fields: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+    choice_prefix: str = " "  # put between prompt and each choice
+    answer_field: str = "answer"
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    test_field: str = "test"
+    entry_point_field: str = ""  # HumanEval: "entry_point", appends check(<entry point>) to the test
+    samples: int = 1
+    k: list[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.0  # 0: greedy (then samples must be 1)
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+
+
+@dataclass
+class EvaluationSection:
+    """The server's evaluation of the shared adapter after every round.
+
+    ``source`` names an explicit eval set (a local file or a hub id and ``split``), rendered like ``[data]``;
+    empty keeps the old carve-out of ``[data] eval_fraction`` from the training source. The loss is the mean
+    next-token cross-entropy in nats: ``token_mean`` over all predicted tokens of the set, or ``sequence_mean``
+    (each sequence's mean, averaged). ``bos`` prepends the tokenizer's BOS so the first token is scored; ``eos``
+    appends EOS and scores it. ``tasks`` run at round 0, every ``every`` rounds and at the last round.
+    """
+
+    source: str = ""
+    subset: str = ""
+    split: str = "test"
+    max_examples: int = 256  # 0: all (explicit source only; the carve-out uses [data] eval_max_examples)
+    loss: Literal["token_mean", "sequence_mean"] = "token_mean"
+    bos: bool = False
+    eos: bool = True
+    batch_size: int = 32
+    every: int = 1
+    threads: int = 1  # torch threads for the server's evaluation (0: leave torch's default, all cores)
+    tasks: list[TaskSection] = field(default_factory=list)
+
+
+@dataclass
 class CreditSection:
     """The compute-credit ledger: SQLite in the run dir unless ``db`` names an SQLAlchemy URL."""
 
@@ -155,6 +232,7 @@ class CampaignConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
     credit: CreditSection = field(default_factory=CreditSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     source_file: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,6 +304,8 @@ def _build_section(cls: type, values: dict[str, Any], path: Path, section: str) 
 
 def _describe(tp: Any) -> str:
     origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a table"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is dict:
@@ -242,7 +322,10 @@ def _describe(tp: Any) -> str:
 def _check_type(value: Any, tp: Any, path: Path, key: str) -> Any:
     origin = get_origin(tp)
     ok = False
-    if origin is Literal:
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build_section(tp, value, path, key.removeprefix("[").replace("] ", "."))
+    elif origin is Literal:
         ok = value in get_args(tp)
     elif origin is dict:
         ok = isinstance(value, dict)
@@ -251,7 +334,7 @@ def _check_type(value: Any, tp: Any, path: Path, key: str) -> Any:
     elif origin is list:
         ok = isinstance(value, list)
         if ok:
-            return [_check_type(v, get_args(tp)[0], path, key) for v in value]
+            return [_check_type(v, get_args(tp)[0], path, f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin in (typing.Union, types.UnionType):
         for option in get_args(tp):
             try:
@@ -372,9 +455,107 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
             f"a contributor partition id below {sim.contributors}",
             pid,
         )
+    _check_data_options(cfg, path)
+    _check_evaluation(cfg, path)
     _require(1 <= sec.bits <= 30, path, "[secure_aggregation] bits", "an integer in [1, 30]", sec.bits)
     _require(sec.min_cohort >= 2, path, "[secure_aggregation] min_cohort", "an integer >= 2", sec.min_cohort)
     _require(cfg.campaign.run_dir != "", path, "[campaign] run_dir", "a directory path", cfg.campaign.run_dir)
+
+
+def _check_data_options(cfg: CampaignConfig, path: Path) -> None:
+    data, sim = cfg.data, cfg.simulation
+    _require(
+        sim.partitioner != "dirichlet" or data.label_field != "",
+        path,
+        "[data] label_field",
+        'the column the dirichlet partitioner splits by (e.g. "label"), since [simulation] partitioner = "dirichlet"',
+        data.label_field,
+    )
+    if data.template:
+        _check_template(data.template, {"instruction", "input", "response"}, path, "[data] template")
+        _require(
+            "{response}" in data.template, path, "[data] template", "a template containing {response}", data.template
+        )
+    for key, value in {"[data] chat_template": data.chat_template, "[data] template": data.template}.items():
+        _require(
+            not value or data.format == "instruction",
+            path,
+            key,
+            'to be set only with [data] format = "instruction"',
+            value,
+        )
+    _require(
+        not (data.chat_template and data.template),
+        path,
+        "[data] template",
+        "empty when [data] chat_template = true (the tokenizer's template renders the rows)",
+        data.template,
+    )
+
+
+def _check_template(template: str, allowed: set[str] | None, path: Path, key: str) -> None:
+    """A ``str.format`` template: well-formed, and naming only ``allowed`` fields (None: any field)."""
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(path, key, "a str.format template (double {{ }} for literal braces)", str(exc)) from None
+    unknown = sorted(n for n in names if n == "" or n.isdigit() or (allowed is not None and n not in allowed))
+    _require(not unknown, path, key, f"a template naming only {sorted(allowed or ['columns'])}", unknown)
+
+
+def _check_evaluation(cfg: CampaignConfig, path: Path) -> None:
+    ev = cfg.evaluation
+    for key, value in {
+        "[evaluation] batch_size": ev.batch_size,
+        "[evaluation] every": ev.every,
+    }.items():
+        _require(value >= 1, path, key, "an integer >= 1", value)
+    for key, value in {"[evaluation] max_examples": ev.max_examples, "[evaluation] threads": ev.threads}.items():
+        _require(value >= 0, path, key, "an integer >= 0 (0 = all / torch's default)", value)
+    names = [t.name for t in ev.tasks]
+    for i, task in enumerate(ev.tasks):
+        key = f"[evaluation.tasks[{i}]]"
+        _require(
+            task.name != "" and names.count(task.name) == 1, path, f"{key} name", "a unique, non-empty name", task.name
+        )
+        _require(task.source != "", path, f"{key} source", "a local data file or a datasets hub id", task.source)
+        _require(task.max_examples >= 0, path, f"{key} max_examples", "an integer >= 0 (0 = all)", task.max_examples)
+        _check_template(task.prompt_template, None, path, f"{key} prompt_template")
+        if task.kind == "choice":
+            given = [bool(task.choices_field), bool(task.choice_fields), bool(task.choices)]
+            _require(
+                sum(given) == 1,
+                path,
+                f"{key} choices_field",
+                "exactly one of choices_field (a list or dict column), choice_fields (columns) or choices (labels)",
+                {"choices_field": task.choices_field, "choice_fields": task.choice_fields, "choices": task.choices},
+            )
+            _require(
+                not task.choices or len(task.choices) >= 2, path, f"{key} choices", "at least 2 labels", task.choices
+            )
+            continue
+        _require(task.max_new_tokens >= 1, path, f"{key} max_new_tokens", "an integer >= 1", task.max_new_tokens)
+        _require(task.temperature >= 0, path, f"{key} temperature", "a number >= 0 (0 = greedy)", task.temperature)
+        if task.kind == "pass_at_k":
+            _require(task.samples >= 1, path, f"{key} samples", "an integer >= 1", task.samples)
+            _require(
+                len(task.k) > 0 and all(1 <= k <= task.samples for k in task.k),
+                path,
+                f"{key} k",
+                f"a non-empty list of integers in [1, samples = {task.samples}]",
+                task.k,
+            )
+            _require(
+                task.samples == 1 or task.temperature > 0,
+                path,
+                f"{key} temperature",
+                "a number > 0 when samples > 1 (greedy decoding gives one completion)",
+                task.temperature,
+            )
+            _require(task.timeout_s > 0, path, f"{key} timeout_s", "a number > 0", task.timeout_s)
+            _require(task.memory_mb >= 16, path, f"{key} memory_mb", "an integer >= 16", task.memory_mb)
 
 
 def is_builtin(name: str) -> bool:
@@ -383,30 +564,53 @@ def is_builtin(name: str) -> bool:
 
 
 def looks_local(source: str) -> bool:
-    """A data source or model name that names a local path rather than a hub id."""
-    return (
-        source.startswith((".", "/", "~"))
-        or source.endswith(LOCAL_DATA_SUFFIXES)
-        or source.count("/") > 1
-        or Path(source).exists()
-    )
+    """A data source or model name that is written as a local path rather than a hub id ("org/name").
+
+    Deliberately blind to the working directory: a relative path means the campaign file's folder.
+    """
+    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_DATA_SUFFIXES) or source.count("/") > 1
 
 
 def _resolve_paths(cfg: CampaignConfig, path: Path) -> None:
+    """Make every local path absolute against the campaign file's folder (never the working directory).
+
+    A name is local when it exists relative to that folder or looks like a path (:func:`looks_local`);
+    anything else is a hub id, checked by preflight when it resolves the model and loads the data.
+    """
     base = path.resolve().parent
 
     def resolve(p: str) -> str:
         return str((base / Path(p).expanduser()).resolve())
 
-    if looks_local(cfg.data.source):
-        cfg.data.source = resolve(cfg.data.source)
-        _require(
-            Path(cfg.data.source).exists(), path, "[data] source", "an existing data file or directory", cfg.data.source
-        )
-    if not is_builtin(cfg.model.name) and looks_local(cfg.model.name):
+    def is_local(name: str) -> bool:
+        return (base / Path(name).expanduser()).exists() or looks_local(name)
+
+    sources = {"[data] source": (cfg.data, "source")}
+    if cfg.evaluation.source:
+        sources["[evaluation] source"] = (cfg.evaluation, "source")
+    for i, task in enumerate(cfg.evaluation.tasks):
+        sources[f"[evaluation.tasks[{i}]] source"] = (task, "source")
+    for key, (section, attr) in sources.items():
+        value = getattr(section, attr)
+        if is_local(value):
+            setattr(section, attr, resolve(value))
+            _require(
+                Path(getattr(section, attr)).exists(),
+                path,
+                key,
+                f"an existing data file or directory (relative paths are read from {base})",
+                value,
+            )
+    if not is_builtin(cfg.model.name) and is_local(cfg.model.name):
         cfg.model.name = resolve(cfg.model.name)
         model_dir = Path(cfg.model.name)
-        _require(model_dir.is_dir(), path, "[model] name", "a model directory (or hub id)", cfg.model.name)
+        _require(
+            model_dir.is_dir(),
+            path,
+            "[model] name",
+            f"a model directory (relative paths are read from {base}) or a hub id",
+            cfg.model.name,
+        )
         _require(
             (model_dir / "config.json").is_file(),
             path,

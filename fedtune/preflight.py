@@ -10,8 +10,11 @@ and nothing on disk. What is checked, in order (cheap first, so the common mista
 - LoRA: every ``target_modules`` name matches layers of the model LoRA can adapt, and the rank is no larger
   than the smallest dimension of those layers (a larger rank adds parameters and nothing else);
 - ``[data] max_seq_len`` within the model's positions;
-- the data: readable records with the configured fields holding text, a non-empty tokenized eval split, and
-  a non-empty shard for every virtual contributor under the configured partitioner (plus ``extra_data``);
+- the data: readable records with the configured fields holding text, a non-empty shard for every virtual
+  contributor under the configured partitioner (by ``[data] label_field``; an id-like column is refused; plus
+  ``extra_data``), a sample of rows rendered through the template or chat template (:func:`check_inputs`);
+- evaluation: the explicit ``[evaluation] source`` or the carve-out, tokenized with its BOS/EOS, non-empty, and
+  every task's rows with the columns its prompt template reads;
 - DP-SGD: a noise multiplier exists for the target ε over the planned steps at every shard size
   (:func:`fedtune.privacy.calibrate_noise`, the contributors' own calibration);
 - SecAgg+: :func:`fedtune.secagg.campaign.check_setup` (sum overflow, threshold, cohort).
@@ -36,6 +39,8 @@ from fedtune.config import CampaignConfig, ConfigError, is_builtin, load_config,
 from fedtune.console import one_line
 
 _SMALL_HUB_FILES = ["*.json", "*.model", "*.txt"]
+PREVIEW_ROWS = 8
+"""Rows rendered and tokenized as a sample of every table preflight reads."""
 _NOISY_LOGGERS = ("datasets", "transformers", "huggingface_hub", "peft", "httpx", "fsspec")
 
 
@@ -64,6 +69,8 @@ def check_campaign(cfg: CampaignConfig) -> Preflight:
         hf_config, tokenizer = _load_config_and_tokenizer(cfg, report.model_dir)
         check_lora(cfg, hf_config)
         check_sequence_length(cfg, hf_config)
+        _check_hub_dataset(cfg, cfg.data.source, "[data] source")
+        check_inputs(cfg, tokenizer)
         report.eval_examples, report.shard_sizes = check_data(cfg, tokenizer)
         check_privacy(cfg, report.shard_sizes)
         check_secure_aggregation(cfg)
@@ -110,7 +117,7 @@ def model_dir(cfg: CampaignConfig) -> Path:
         if name not in BUILTIN_MODELS:
             raise _error(cfg, "[model] name", expected, name)
         return builtin_path(name)
-    if Path(name).is_dir():
+    if Path(name).is_absolute() and Path(name).is_dir():  # config resolved a local path against the campaign file
         return Path(name)
     return _hub_model_dir(cfg)
 
@@ -270,20 +277,70 @@ def _check_hub_dataset(cfg: CampaignConfig, source: str, key: str) -> None:
         ) from None
 
 
+def check_inputs(cfg: CampaignConfig, tokenizer: Any) -> None:
+    """The data and evaluation inputs of ``cfg`` as the run will read them; raises :class:`ConfigError`.
+
+    ``[data]``: loadable with its fields, partitioned for every virtual contributor (by ``label_field`` for
+    dirichlet), a few rows rendered and tokenized (instruction template or chat template). ``[evaluation]``: the
+    eval set (explicit source or carve-out) rendered and tokenized with its BOS/EOS, every task's rows loaded with
+    the columns it reads and its prompt template filled.
+    """
+    from fedtune.ml.data import DataError, check_partitions, load_eval_rows, load_raw, tokenize, training_pool
+    from fedtune.ml.tasks import Task
+
+    path = cfg.source_file or "<campaign>"
+
+    def fail(key: str, exc: Exception) -> ConfigError:
+        return ConfigError(path, key, str(exc).split(": ", 1)[-1])
+
+    try:
+        raw = load_raw(cfg.data)
+        pool = training_pool(cfg, raw)
+    except DataError as exc:
+        raise fail("[data] source", exc) from None
+    try:
+        check_partitions(cfg, pool)
+    except DataError as exc:
+        dirichlet = cfg.simulation.partitioner == "dirichlet"
+        raise fail("[data] label_field" if dirichlet else "[data] source", exc) from None
+    try:
+        tokenize(cfg.data, raw.select(range(min(PREVIEW_ROWS, len(raw)))), tokenizer)
+    except DataError as exc:
+        raise fail("[data] chat_template" if cfg.data.chat_template else "[data] source", exc) from None
+    except (KeyError, IndexError, ValueError) as exc:  # a template naming a column the rows lack, say
+        raise ConfigError(path, "[data] template", "a template the rows can fill", repr(exc)) from None
+    ev = cfg.evaluation
+    try:
+        rows = load_eval_rows(cfg)
+        tokenize(cfg.data, rows.select(range(min(PREVIEW_ROWS, len(rows)))), tokenizer, bos=ev.bos, eos=ev.eos)
+    except DataError as exc:
+        raise fail("[evaluation] source" if ev.source else "[data] source", exc) from None
+    for i, spec in enumerate(ev.tasks):
+        key = f"[evaluation.tasks[{i}]]"
+        try:
+            task = Task.load(spec)
+            for row in task.rows[:PREVIEW_ROWS]:
+                spec.prompt_template.format(**row)
+        except DataError as exc:
+            raise fail(f"{key} source", exc) from None
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(path, f"{key} prompt_template", "a template the rows fill", repr(exc)) from None
+
+
 def check_data(cfg: CampaignConfig, tokenizer: Any) -> tuple[int, list[int]]:
     """(tokenized eval examples, every virtual contributor's shard size); errors name the key to fix."""
     import dataclasses
 
-    from fedtune.ml.data import DataError, load_raw, partition, split_eval, tokenize
+    from fedtune.ml.data import DataError, load_eval, load_raw, partition, training_pool
 
-    _check_hub_dataset(cfg, cfg.data.source, "[data] source")
     try:
-        pool, eval_ds = split_eval(cfg, load_raw(cfg.data))
+        pool = training_pool(cfg, load_raw(cfg.data))
+        n_eval = len(load_eval(cfg, tokenizer))
     except DataError as exc:
         raise _error(cfg, "[data] source", "records the [data] section can read", str(exc)) from None
-    n_eval = len(tokenize(cfg.data, eval_ds, tokenizer))
     if n_eval == 0:
-        raise _error(cfg, "[data] source", "text in the held-out eval records", "only empty texts")
+        key = "[evaluation] source" if cfg.evaluation.source else "[data] source"
+        raise _error(cfg, key, "text in the evaluation records", "only empty texts")
     n = cfg.simulation.contributors
     sizes = []
     for pid in range(n):

@@ -36,8 +36,7 @@ from fedtune.console import campaign_round_line
 from fedtune.credit.ledger import Ledger, resolve_url
 from fedtune.credit.recorder import CreditKeeper
 from fedtune.files import atomic_write_dir
-from fedtune.ml.data import load_eval
-from fedtune.ml.evaluation import evaluate_loss
+from fedtune.ml.evaluation import Evaluator
 from fedtune.ml.model import base_fingerprint, build_model, count_parameters, load_trainable, trainable_arrays
 from fedtune.rundir import SERVER_STATE, RunDir
 from fedtune.strategies.driver import NodeOutcome, RoundDriver, RoundResult
@@ -134,15 +133,15 @@ class CampaignServer:
             SecureRound(cfg, run_dir.root) if cfg.secure_aggregation.protocol == "secagg+" else PlainRound(cfg)
         )
         self.model, tokenizer = build_model(cfg)
-        self.eval_set = load_eval(cfg, tokenizer)
+        self.evaluator = Evaluator(cfg, tokenizer)  # eval set, tasks, pinned threads: [evaluation]
         self.fingerprint = base_fingerprint(cfg.model)
         self.ledger = Ledger.open(resolve_url(run_dir.root, cfg.credit.db or None))
         n_base, n_adapter = count_parameters(self.model)
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.credits = CreditKeeper(cfg, self.ledger, n_base, n_adapter, n_trainable)
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate_loss(self.model, self.eval_set)
+    def evaluate(self, server_round: int = 0) -> dict[str, Any]:
+        return self.evaluator.run(self.model, server_round)
 
     def save_checkpoint(self, server_round: int, arrays: dict[str, np.ndarray], strategy: FedAvg) -> None:
         """The shared adapter (PEFT format) plus what a restarted coordinator needs to carry on."""
@@ -207,7 +206,7 @@ class CampaignServer:
         stop_if_hopeless(server_round, result.outcomes)  # every contributor failed the same way: stop, record nothing
         if result.arrays is not None:
             load_trainable(self.model, result.arrays)
-        row = round_row(server_round, result, self.evaluate(), time.perf_counter() - start)
+        row = round_row(server_round, result, self.evaluate(server_round), time.perf_counter() - start)
         self.save_checkpoint(server_round, current if result.arrays is None else result.arrays, strategy)
         self.credits.record(server_round, result.outcomes)
         self.run_dir.append_metrics(row)

@@ -19,6 +19,7 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     from fedtune.cli.credits import add_credits_parser
     from fedtune.cli.deploy import add_deploy_parsers
+    from fedtune.cli.research import add_research_parsers
     from fedtune.cli.simulate import add_simulate_parser
 
     parser = OneLineParser(prog="fedtune", description="Federated LoRA fine-tuning on community GPUs")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(sub)
     add_credits_parser(sub)
     add_deploy_parsers(sub)
+    add_research_parsers(sub)
     return parser
 
 

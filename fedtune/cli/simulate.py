@@ -86,6 +86,14 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     console = output_console()
     console.print(table)
     _top_contributors(console, run_dir)
+    with_tasks = [r for r in rows if r.get("tasks")]
+    if with_tasks:
+        scored = with_tasks[-1]
+        parts = [
+            f"{task} " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "timeouts"))
+            for task, metrics in scored["tasks"].items()
+        ]
+        console.print(f"task metrics after round {scored['round']}: " + "; ".join(parts))
     if len(rows) > 1:
         first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
         console.print(
@@ -110,6 +118,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault("federation", {})["rounds"] = args.rounds
     if args.contributors is not None:
         out.setdefault("simulation", {})["contributors"] = args.contributors
+    if args.eval_threads is not None:
+        out.setdefault("evaluation", {})["threads"] = args.eval_threads
     return out
 
 
@@ -206,6 +216,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
         return 1
     _summary(run_dir.root, rows)
+    if len(rows) > 1 and not any(r.get("applied", r.get("participants", 0) > 0) for r in rows[1:]):
+        print(
+            "error: no round applied an update (every contributor failed or declined); see the log with --verbose",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -216,6 +232,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--run-dir", help="where to write the run (default: [campaign] run_dir)")
     sim.add_argument("--rounds", type=int, help="override [federation] rounds")
     sim.add_argument("--contributors", type=int, help="override [simulation] contributors")
+    sim.add_argument(
+        "--eval-threads", type=int, help="override [evaluation] threads (torch threads of the server's evaluation)"
+    )
     sim.add_argument(
         "--resume", action="store_true", help="carry on an interrupted run in --run-dir from its last completed round"
     )

@@ -27,11 +27,15 @@ class FingerprintMismatch(RuntimeError):
 
 
 def resolve_model_dir(model: ModelSection) -> Path:
-    """Local directory holding the base model's files (builds built-ins, reads the hub cache)."""
+    """Local directory holding the base model's files (builds built-ins, reads the hub cache).
+
+    A local folder is an absolute path (the config loader resolves relative ones against the campaign file's
+    folder); any other name is a hub id, never a folder that happens to sit under the working directory.
+    """
     if is_builtin(model.name):
         return builtin_path(model.name)
-    local = Path(model.name)
-    if local.is_dir():
+    local = Path(model.name).expanduser()
+    if local.is_absolute():
         return local
     from huggingface_hub import snapshot_download
 

@@ -1,10 +1,14 @@
-"""A tiny causal LM and byte-level tokenizer, built locally and loaded like any hub model.
+"""Built-in base models, loaded like any hub model through ``from_pretrained``: nothing is downloaded.
 
-Nothing can be downloaded on the machines fedtune is developed and tested on, so the quickstart and the
-tests use this model. It is written once with ``save_pretrained`` and then read back through the real
-``AutoModelForCausalLM.from_pretrained`` path. The build is deterministic (fixed seed, byte-level
-vocabulary with no learned merges), so every machine builds the same weights and the same base
-fingerprint: a coordinator and its contributors agree without shipping the files.
+- ``builtin:tiny-llama``: a randomly initialised tiny Llama (about 360k parameters) with a byte-level
+  tokenizer, for the tests. Built on first use into the cache with ``save_pretrained``; the build is
+  deterministic (fixed seed, byte-level vocabulary with no learned merges), so every machine builds the same
+  weights and the same base fingerprint.
+- ``builtin:stdlib-llama``: the quickstart's base, a 1.1M-parameter Llama with a 2,048-token BPE tokenizer
+  pretrained on Python's standard library source and license texts (``experiments/base/train_stdlib_llama.py``).
+  Its files ship inside the package (``fedtune/ml/builtin/stdlib-llama``, float16 weights, about 2.3 MB),
+  because a training run is not bit-reproducible across machines and the coordinator and every contributor
+  must hold byte-identical weights.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import tempfile
 from pathlib import Path
 
 TINY_LLAMA = "builtin:tiny-llama"
-BUILTIN_MODELS = (TINY_LLAMA,)
-"""Every ``builtin:`` model name fedtune knows how to build."""
+STDLIB_LLAMA = "builtin:stdlib-llama"
+SHIPPED = {STDLIB_LLAMA: Path(__file__).resolve().parent / "builtin" / "stdlib-llama"}
+"""Built-ins whose files are part of the package (trained, not built)."""
+BUILTIN_MODELS = (TINY_LLAMA, STDLIB_LLAMA)
+"""Every ``builtin:`` model name fedtune knows."""
 _BUILD_VERSION = "1"
 
 
@@ -27,8 +34,12 @@ def cache_root() -> Path:
 
 def builtin_path(name: str) -> Path:
     """Directory of a built-in model, building it first if absent."""
+    if name in SHIPPED:
+        if not (SHIPPED[name] / "model.safetensors").is_file():
+            raise ValueError(f"built-in model {name!r} is missing its files in {SHIPPED[name]}; reinstall fedtune")
+        return SHIPPED[name]
     if name != TINY_LLAMA:
-        raise ValueError(f"unknown built-in model {name!r}; known: {TINY_LLAMA}")
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     target = cache_root() / "models" / f"tiny-llama-v{_BUILD_VERSION}"
     if not (target / "model.safetensors").exists():
         build_tiny_llama(target)
@@ -51,20 +62,15 @@ def _byte_level_tokenizer():  # -> PreTrainedTokenizerFast
     )
 
 
-def build_tiny_llama(target: Path, seed: int = 0) -> Path:
-    """Build and save the tiny Llama (about 360k parameters) and its tokenizer to ``target``.
+def small_llama_config(tokenizer, hidden_size: int, intermediate_size: int, num_hidden_layers: int):  # -> LlamaConfig
+    """A small Llama with 4 heads, tied embeddings, 512 positions and the tokenizer's vocabulary and specials."""
+    from transformers import LlamaConfig
 
-    Written to a temporary directory first and renamed, so a crash never leaves a half-built model.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _byte_level_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
@@ -73,6 +79,18 @@ def build_tiny_llama(target: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def build_tiny_llama(target: Path, seed: int = 0) -> Path:
+    """Build and save the tiny Llama (about 360k parameters) and its tokenizer to ``target``.
+
+    Written to a temporary directory first and renamed, so a crash never leaves a half-built model.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = _byte_level_tokenizer()
+    config = small_llama_config(tokenizer, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

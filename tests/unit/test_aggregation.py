@@ -23,7 +23,9 @@ N_CLIENTS = 4
 def train_clients(mode: str) -> tuple[dict, list[dict], list[int], dict]:
     """Train N contributors from one shared start on Dirichlet shards; return start, ends, weights, frozen."""
     raw = small_campaign(
-        lora={"mode": mode}, simulation={"contributors": N_CLIENTS, "partitioner": "dirichlet", "dirichlet_alpha": 0.1}
+        lora={"mode": mode},
+        simulation={"contributors": N_CLIENTS, "partitioner": "dirichlet", "dirichlet_alpha": 0.1},
+        data={"label_field": "module"},
     )
     raw["federation"].update(contributors_per_round=N_CLIENTS)
     cfg = CampaignConfig.from_dict(raw)

@@ -195,7 +195,7 @@ def test_dirichlet_without_a_label(capsys, tmp_path, write_campaign) -> None:
     line = refuse(
         capsys, tmp_path, write_campaign(data={"source": str(source)}, simulation={"partitioner": "dirichlet"})
     )
-    assert "[simulation] partitioner" in line and "label column" in line
+    assert "[data] label_field" in line and "dirichlet" in line  # no column is guessed as the label
 
 
 def test_bad_extra_data(capsys, tmp_path, write_campaign) -> None:

@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"fedtune.privacy", "fedtune.secagg", "fedtune.wire", "fedtune.deploy"},
     {"fedtune.credit", "fedtune.preflight", "fedtune.clients", "fedtune.strategies"},
     {"fedtune.server"},
+    {"fedtune.research"},
     {"fedtune.cli"},
 ]
 """Each part may import parts of lower layers and itself, nothing else (a part is a sub-package or a
