@@ -37,14 +37,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
 from fedtune.identity import simulated_identity
-from fedtune.ml.data import TokenizedSet, load_shard
-from fedtune.ml.model import (
-    FingerprintMismatch,
-    build_model,
-    check_fingerprint,
-    load_trainable,
-    trainable_arrays,
-)
+from fedtune.ml.model import FingerprintMismatch, check_fingerprint, load_trainable, trainable_arrays
 from fedtune.privacy import (
     ContributorPrivacy,
     PrivacyParams,
@@ -55,11 +48,13 @@ from fedtune.privacy import (
 )
 from fedtune.wire import (
     SECAGG_ADVERTISE,
+    WORK,
     ContributorInfo,
     Decline,
     TrainReply,
     TrainReport,
     TrainRequest,
+    Work,
     arrays_from_record,
     arrays_to_record,
     secagg_message_type,
@@ -78,31 +73,10 @@ from .policy import (
 )
 from .secagg_client import Trainer, register_secagg_handlers
 from .trainer import Randomness, train_local
+from .workspace import open_workspace
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
-
-
-@dataclass
-class _Workspace:
-    """Model and shard kept between rounds in a long-lived contributor process."""
-
-    model: object
-    shard: TokenizedSet
-
-
-_WORKSPACES: dict[tuple[str, int, int], _Workspace] = {}
-
-
-def _workspace(
-    cfg: CampaignConfig, cfg_key: str, partition_id: int, num_partitions: int, device: str = "cpu"
-) -> _Workspace:
-    key = (cfg_key, partition_id, num_partitions)
-    if key not in _WORKSPACES:
-        _WORKSPACES.clear()  # one campaign per process at a time: free the previous model
-        model, tokenizer = build_model(cfg, device)
-        _WORKSPACES[key] = _Workspace(model, load_shard(cfg, tokenizer, partition_id, num_partitions))
-    return _WORKSPACES[key]
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -161,7 +135,12 @@ def decline(
 
 
 def open_privacy(
-    cfg: CampaignConfig, policy: ContributorPolicy, pins: CampaignPins | None, folder: Path, shard_size: int
+    cfg: CampaignConfig,
+    policy: ContributorPolicy,
+    pins: CampaignPins | None,
+    folder: Path,
+    shard_size: int,
+    batch_size: int,
 ) -> tuple[ContributorPrivacy | None, Refusal | None]:
     """The contributor's lifetime accountant for this round, or why the round is declined.
 
@@ -181,8 +160,8 @@ def open_privacy(
         priv, campaign_rounds=fed.rounds, personal_max_epsilon=cap if private else None
     )
     try:
-        privacy = ContributorPrivacy.load(
-            folder, params, shard_size=shard_size, batch_size=fed.batch_size, local_steps=fed.local_steps
+        privacy = ContributorPrivacy.load(  # this contributor's batch (a small GPU may take less) sets q
+            folder, params, shard_size=shard_size, batch_size=batch_size, local_steps=fed.local_steps
         )
     except ValueError as exc:  # calibration impossible; the message holds the sampling rate batch_size / n
         return None, Refusal(
@@ -233,6 +212,7 @@ class LocalUpdate:
     end: dict[str, np.ndarray]
     report: TrainReport
     who: ContributorInfo
+    work: Work | None = None  # the rank and batch this contributor took on (sent with a plain reply)
 
 
 def local_update(
@@ -266,15 +246,11 @@ def local_update(
     if refusal is not None:
         return decline(message, context, server_round, who, refusal)
     partition_id, num_partitions = _partition(context)
-    ws = _workspace(
-        cfg,
-        hashlib.sha256(request.campaign_toml.encode()).hexdigest(),
-        partition_id,
-        num_partitions,
-        str(context.node_config.get("device", "cpu")),
-    )
+    ws = open_workspace(cfg, request.campaign_toml, context.node_config, (partition_id, num_partitions))
+    if isinstance(ws, str):  # this contributor's hardware or choices do not fit the campaign
+        return decline(message, context, server_round, who, Refusal(ws))
     fed, private = cfg.federation, cfg.privacy.mechanism == "dp-sgd"
-    privacy, refusal = open_privacy(cfg, policy, pins, folder, len(ws.shard))
+    privacy, refusal = open_privacy(cfg, policy, pins, folder, len(ws.shard), ws.batch_size)
     if refusal is not None:
         spent = privacy.epsilon_spent() if privacy is not None and private else None
         return decline(message, context, server_round, who, refusal, spent)
@@ -282,24 +258,24 @@ def local_update(
     if pins is None:
         CampaignPins.of(cfg).save(folder)
     start = arrays_from_record(request.arrays)
-    load_trainable(ws.model, start)
+    load_trainable(ws.model, ws.to_local(start))
     result = train_local(
         ws.model,
         ws.shard,
         steps=fed.local_steps,
-        batch_size=fed.batch_size,
         learning_rate=fed.learning_rate,
-        randomness=round_randomness(context, policy, server_round, next(ws.model.parameters()).device),
+        randomness=round_randomness(context, policy, server_round, ws.device),
         privacy=privacy,
         secure_mode=policy.secure_mode,
+        **ws.train_options(),
     )
-    end = trainable_arrays(ws.model)
+    end = ws.to_campaign(start, trainable_arrays(ws.model))
     if cfg.privacy.update_clip_norm > 0:
         end = clipped_update(start, end, cfg.privacy.update_clip_norm)
     spent = float(result.privacy["epsilon_spent"]) if private else None
     report = TrainReport(
         # the assigned work, not the Poisson draw; loss and ε on a coarse public grid (fedtune.privacy.release)
-        num_examples=fed.local_steps * fed.batch_size,
+        num_examples=fed.local_steps * ws.batch_size,
         steps=fed.local_steps,
         train_loss=coarse_loss(result.train_loss),
         epsilon=None if spent is None else coarse_epsilon(spent),
@@ -315,7 +291,7 @@ def local_update(
             "epsilon": spent,
         },
     )
-    return LocalUpdate(cfg, start, end, report, who)
+    return LocalUpdate(cfg, start, end, report, who, ws.work())
 
 
 def handle_train(trainer: Trainer, message: Message, context: Context) -> Message:
@@ -323,8 +299,10 @@ def handle_train(trainer: Trainer, message: Message, context: Context) -> Messag
     update = trainer(message, TrainRequest.read(message.content), context)
     if isinstance(update, Message):
         return update
-    reply = TrainReply(arrays_to_record(update.end), update.report, update.who)
-    return Message(content=reply.content(), reply_to=message)
+    content = TrainReply(arrays_to_record(update.end), update.report, update.who).content()
+    if update.work is not None:
+        content[WORK] = update.work.to_record()
+    return Message(content=content, reply_to=message)
 
 
 def register_handlers(client_app: ClientApp, trainer: Trainer) -> None:

@@ -12,6 +12,13 @@ recompute void the amplification by sampling the accounting assumes (the campaig
 noise it can recompute is no noise at all. Pitfall: :meth:`Randomness.from_seed` is reproducible, hence
 recomputable by whoever knows the seed: tests and the local-only simulation switch
 (:func:`fedtune.clients.policy.simulation_seed`) use it, a contributor never derives it from a public value.
+
+Small GPUs: a step may run its batch in micro-batches (``micro_batch_size``): the same logical batch and the
+same optimizer step, in chunks that fit the memory. Without DP the chunk losses are summed over the batch's
+rows; with DP each chunk's per-sample gradients are clipped and added to one sum (Opacus' virtual steps,
+:meth:`fedtune.privacy.PrivateRun.accumulate`) and the noise is drawn once per logical batch, so accounting and
+result are those of the whole batch. ``precision`` runs the forward pass under ``torch.autocast`` (bf16/fp16)
+with the trainable adapter in float32, and fp16 on CUDA scales the loss (:class:`torch.amp.GradScaler`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fedtune.ml.data import TokenizedSet
 from fedtune.ml.losses import per_sequence_loss, token_counts
+from fedtune.ml.precision import Precision
 from fedtune.privacy import (
     ContributorPrivacy,
     PrivacyBudgetExceeded,
@@ -137,7 +145,9 @@ class LocalRun(Protocol):
     device: torch.device
     steps_taken: int
 
-    def backward(self, losses: torch.Tensor) -> None: ...
+    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> None: ...
+
+    def accumulate(self) -> None: ...
 
     def step(self) -> None: ...
 
@@ -148,18 +158,31 @@ class LocalRun(Protocol):
 
 @dataclass
 class PlainRun:
-    """The non-private counterpart of :class:`fedtune.privacy.PrivateRun`: the model and optimizer as they are."""
+    """The non-private counterpart of :class:`fedtune.privacy.PrivateRun`: the model and optimizer as they are.
+
+    ``scaler`` (float16 on CUDA) scales the loss before backward and unscales before the step.
+    """
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
     steps_taken: int = 0
+    scaler: torch.amp.GradScaler | None = None
 
-    def backward(self, losses: torch.Tensor) -> None:
-        losses.mean().backward()
+    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> None:
+        """Gradient of the batch's mean loss; a micro-batch's ``losses`` are summed over ``batch_rows`` rows."""
+        loss = losses.mean() if batch_rows is None else losses.sum() / batch_rows
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def accumulate(self) -> None:
+        """Between micro-batches: gradients simply add up in ``.grad``."""
 
     def step(self) -> None:
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.steps_taken += 1
 
     def empty_step(self) -> None:
@@ -197,7 +220,30 @@ def causal_lm_loss(module: nn.Module, batch: Batch) -> torch.Tensor:
     return per_sequence_loss(output.logits, input_ids, attention_mask)
 
 
-def train_step(run: LocalRun, batch: Any, loss_fn: LossFn = causal_lm_loss) -> float | None:
+def micro_batches(batch: Batch, size: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` split into chunks of at most ``size`` rows (``size`` 0: one chunk), each trimmed of the
+    padding columns none of its rows needs (right padding; causal attention makes that exact)."""
+    rows = batch_rows(batch)
+    if size <= 0 or size >= rows:
+        return [dict(batch)]
+    chunks = []
+    for start in range(0, rows, size):
+        chunk = {k: v[start : start + size] for k, v in batch.items()}
+        if "attention_mask" in chunk:
+            width = int(chunk["attention_mask"].sum(dim=1).max())
+            chunk = {k: v[:, :width] if v.dim() > 1 else v for k, v in chunk.items()}
+        chunks.append(chunk)
+    return chunks
+
+
+def train_step(
+    run: LocalRun,
+    batch: Any,
+    loss_fn: LossFn = causal_lm_loss,
+    *,
+    micro_batch_size: int = 0,
+    precision: Precision | None = None,
+) -> float | None:
     """One optimizer step on ``batch``; the mean per-sequence loss, or ``None`` for an empty batch.
 
     An empty batch (see :func:`fedtune.privacy.batch_rows`) takes ``run.empty_step()``: a noise-only step under
@@ -212,17 +258,30 @@ def train_step(run: LocalRun, batch: Any, loss_fn: LossFn = causal_lm_loss) -> f
         A mapping of tensors (``input_ids``, ``attention_mask``; right padding is fine), moved to ``run.device``.
     loss_fn
         Per-sequence loss; defaults to :func:`causal_lm_loss`.
+    micro_batch_size
+        > 0: forward and backward in chunks of this many rows, one optimizer step (and, under DP, one noise
+        draw) for the whole batch.
+    precision
+        Autocast dtype of the forward pass (default float32, no autocast).
     """
     run.optimizer.zero_grad(set_to_none=True)
-    if batch_rows(batch) == 0:
+    rows = batch_rows(batch)
+    if rows == 0:
         run.empty_step()
         return None
-    losses = loss_fn(run.module, {k: v.to(run.device, non_blocking=True) for k, v in batch.items()})
-    if losses.dim() != 1:
-        raise ValueError(f"loss_fn must return per-sample losses of shape (batch,), got {tuple(losses.shape)}")
-    run.backward(losses)
+    chunks = micro_batches({k: v.to(run.device, non_blocking=True) for k, v in batch.items()}, micro_batch_size)
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        with (precision or Precision()).autocast():
+            losses = loss_fn(run.module, chunk)
+        if losses.dim() != 1:
+            raise ValueError(f"loss_fn must return per-sample losses of shape (batch,), got {tuple(losses.shape)}")
+        run.backward(losses, rows if len(chunks) > 1 else None)
+        total += float(losses.detach().float().sum())
+        if i < len(chunks) - 1:
+            run.accumulate()
     run.step()
-    return float(losses.detach().mean())
+    return total / rows
 
 
 def _endless(loader: Iterable[Any]) -> Iterator[Any]:
@@ -245,6 +304,8 @@ def train_local(
     privacy: ContributorPrivacy | None = None,
     loss_fn: LossFn = causal_lm_loss,
     secure_mode: bool = False,
+    micro_batch_size: int = 0,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable adapter; DP-SGD (DP-AdamW) when ``privacy`` says so.
 
@@ -270,6 +331,10 @@ def train_local(
         Per-sequence loss; defaults to :func:`causal_lm_loss`.
     secure_mode
         Opacus' floating-point-attack-resistant noise (pass :meth:`Randomness.csprng` with it).
+    micro_batch_size
+        > 0: run each batch in chunks of at most this many sequences (same steps, same result, less memory).
+    precision
+        Autocast dtype of the forward passes (default float32); float16 is refused under DP.
 
     Returns
     -------
@@ -290,9 +355,13 @@ def train_local(
         ok, reason = privacy.check_round(steps)
         if not ok:
             raise PrivacyBudgetExceeded(reason)
+    private = privacy is not None and privacy.params.private
+    if private and precision is not None and precision.dtype == torch.float16:
+        raise ValueError("float16 training needs loss scaling, which DP-SGD's per-sample clipping would see: use bf16")
     optimizer = _optimizer(model, learning_rate)
     run: LocalRun
-    if privacy is not None and privacy.params.private:
+    if private:
+        assert privacy is not None
         run = make_private(
             model,
             optimizer,
@@ -306,7 +375,8 @@ def train_local(
         loader: Iterable[Any] = poisson_loader(shard, privacy.sample_rate, shard.pad, randomness.sampling)
     else:
         model.train()
-        run = PlainRun(model, optimizer, trainable_parameters(model)[0].device)
+        scaler = precision.scaler() if precision is not None else None
+        run = PlainRun(model, optimizer, trainable_parameters(model)[0].device, scaler=scaler)
         batches = ShuffledBatches(len(shard), batch_size, randomness.sampling)
         loader = DataLoader(shard, batch_sampler=batches, collate_fn=shard.pad)
     start = time.perf_counter()
@@ -316,7 +386,7 @@ def train_local(
         batches_iter = _endless(loader)
         for _ in range(steps):
             batch = next(batches_iter)
-            loss = train_step(run, batch, loss_fn)
+            loss = train_step(run, batch, loss_fn, micro_batch_size=micro_batch_size, precision=precision)
             if loss is None:
                 empty += 1
                 continue

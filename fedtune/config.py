@@ -50,7 +50,10 @@ class ModelSection:
 
     name: str = "builtin:tiny-llama"
     revision: str = "main"
+    # the frozen base's weights and the training loop's autocast dtype; the trainable adapter stays float32
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes base (QLoRA-style): LLM.int8 or NF4
+    gradient_checkpointing: bool = False  # reentrant, with input grads: the form DP-SGD's per-sample hooks need
 
 
 @dataclass
@@ -105,6 +108,7 @@ class FederationSection:
     min_cohort: int = 2
     local_steps: int = 10
     batch_size: int = 8
+    micro_batch_size: int = 0  # > 0: run each batch in chunks of this many sequences (same step, less memory)
     learning_rate: float = 1e-3
     server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
     server_learning_rate: float = 1.0
@@ -122,6 +126,13 @@ class SimulationSection:
     cpus_per_contributor: float = 1.0
     # partition id -> a data file whose records join that virtual contributor's shard (audits, targeted tests)
     extra_data: dict[str, str] = field(default_factory=dict)
+    # partition id -> that virtual contributor's own choice (what `fedtune join --max-rank/--batch-size/--micro-batch`
+    # sets on a real contributor): a smaller LoRA rank, a smaller batch, chunks that fit its memory
+    max_rank: dict[str, int] = field(default_factory=dict)
+    batch_size: dict[str, int] = field(default_factory=dict)
+    micro_batch_size: dict[str, int] = field(default_factory=dict)
+    # keep each Ray actor's models and shards across rounds (false: rebuild on every change of contributor)
+    workspace_cache: bool = True
 
 
 @dataclass
@@ -213,6 +224,17 @@ class EvaluationSection:
 
 
 @dataclass
+class RequirementsSection:
+    """What a contributor's hardware must offer; each contributor checks its own before it accepts a round."""
+
+    gpu: bool = False  # a CUDA GPU
+    min_vram_gb: float = 0.0  # GiB of GPU memory (0: no minimum)
+    min_compute_capability: str = ""  # e.g. "8.0" ("": any)
+    bf16: bool = False  # bfloat16 support (a GPU of compute capability >= 8.0, or a CPU)
+    min_ram_gb: float = 0.0  # GiB of system memory (0: no minimum)
+
+
+@dataclass
 class CreditSection:
     """The compute-credit ledger: SQLite in the run dir unless ``db`` names an SQLAlchemy URL."""
 
@@ -231,6 +253,7 @@ class CampaignConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
+    requirements: RequirementsSection = field(default_factory=RequirementsSection)
     credit: CreditSection = field(default_factory=CreditSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     source_file: str = field(default="", metadata={"internal": True})
@@ -460,6 +483,69 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
     _require(1 <= sec.bits <= 30, path, "[secure_aggregation] bits", "an integer in [1, 30]", sec.bits)
     _require(sec.min_cohort >= 2, path, "[secure_aggregation] min_cohort", "an integer >= 2", sec.min_cohort)
     _require(cfg.campaign.run_dir != "", path, "[campaign] run_dir", "a directory path", cfg.campaign.run_dir)
+    _check_hardware_keys(cfg, path)
+
+
+def _check_hardware_keys(cfg: CampaignConfig, path: Path) -> None:
+    """Home-GPU keys: precision, quantization, micro-batches, per-contributor choices, requirements."""
+    model, fed, sim, req = cfg.model, cfg.federation, cfg.simulation, cfg.requirements
+    _require(
+        not (model.dtype == "float16" and cfg.privacy.mechanism == "dp-sgd"),
+        path,
+        "[model] dtype",
+        "'bfloat16' or 'float32' under DP-SGD (float16 needs loss scaling, which per-sample clipping would see)",
+        model.dtype,
+    )
+    _require(
+        fed.micro_batch_size >= 0,
+        path,
+        "[federation] micro_batch_size",
+        "an integer >= 0 (0 = the whole batch at once)",
+        fed.micro_batch_size,
+    )
+    limits = {
+        "max_rank": (sim.max_rank, cfg.lora.rank, "the campaign's [lora] rank"),
+        "batch_size": (sim.batch_size, fed.batch_size, "the campaign's [federation] batch_size"),
+        "micro_batch_size": (sim.micro_batch_size, None, None),
+    }
+    for key, (table, most, what) in limits.items():
+        for pid, value in table.items():
+            name = f"[simulation] {key}.{pid}"
+            _require(
+                pid.isdigit() and int(pid) < sim.contributors,
+                path,
+                name,
+                f"a contributor partition id below {sim.contributors}",
+                pid,
+            )
+            _require(value >= 1, path, name, "an integer >= 1", value)
+            if most is not None:
+                _require(value <= most, path, name, f"at most {what} ({most})", value)
+    _require(
+        not sim.max_rank or cfg.lora.mode == "ffa",
+        path,
+        "[simulation] max_rank",
+        "no per-contributor rank unless [lora] mode = 'ffa' (plain LoRA averages A too: ranks cannot mix)",
+        sim.max_rank,
+    )
+    minimums = {"[requirements] min_vram_gb": req.min_vram_gb, "[requirements] min_ram_gb": req.min_ram_gb}
+    for key, value in minimums.items():
+        _require(value >= 0, path, key, "a number >= 0 (0 = no minimum)", value)
+    _require(
+        req.min_compute_capability == "" or parse_capability(req.min_compute_capability) is not None,
+        path,
+        "[requirements] min_compute_capability",
+        'a CUDA compute capability "MAJOR.MINOR" such as "8.0" (or "" for any)',
+        req.min_compute_capability,
+    )
+
+
+def parse_capability(text: str) -> tuple[int, int] | None:
+    """``"8.6"`` -> ``(8, 6)``; ``None`` when ``text`` is not ``MAJOR.MINOR``."""
+    major, dot, minor = text.strip().partition(".")
+    if not (major.isdigit() and dot and minor.isdigit()):
+        return None
+    return int(major), int(minor)
 
 
 def _check_data_options(cfg: CampaignConfig, path: Path) -> None:

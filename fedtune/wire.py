@@ -84,6 +84,10 @@ SECAGG_WEIGHT_MAX = "weight_max"  # advertise request: the largest example weigh
 # the SecAgg+ stages whose messages carry more than the protocol message (``fedtune.secagg.STAGES`` names them)
 SECAGG_ADVERTISE, SECAGG_MASKED_INPUT = "advertise", "masked_input"
 
+# the work a contributor chose to take on (its own rank and batch, at most the campaign's): see ``Work``
+WORK = "work"  # ConfigRecord in a plain train reply
+WORK_RANK, WORK_BATCH_SIZE = "rank", "batch-size"
+
 
 class WireError(ValueError):
     """A message that does not follow fedtune's wire format; ``str()`` names the message and the field."""
@@ -354,6 +358,41 @@ class Decline:
         if METRICS not in content.metric_records:
             return False
         return bool(_field(content.metric_records[METRICS], DECLINED, int, f"reply: {METRICS}", 0))
+
+
+# -- the work a contributor took on -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Work:
+    """The LoRA rank and batch size a contributor trained with (the ``work`` record of a plain train reply).
+
+    A contributor may take on less than the campaign assigns (a smaller GPU: a smaller rank, a smaller batch);
+    its update is padded to the campaign's shape either way. The coordinator reads this as a claim of work, bounded
+    by the campaign here and checked against the reply by the round driver; a reply without it trained the
+    campaign's own rank and batch.
+    """
+
+    rank: int
+    batch_size: int
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({WORK_RANK: self.rank, WORK_BATCH_SIZE: self.batch_size})
+
+    @classmethod
+    def read(cls, content: RecordDict, cfg: CampaignConfig, where: str = "train reply") -> Work | None:
+        """The reply's work claim, or ``None`` when it has none; out of the campaign's bounds is a WireError."""
+        if WORK not in content:
+            return None
+        record = _part(content, WORK, ConfigRecord, where)
+        at = f"{where}: {WORK}"
+        work = cls(_field(record, WORK_RANK, int, at), _field(record, WORK_BATCH_SIZE, int, at))
+        if not 1 <= work.rank <= cfg.lora.rank or not 1 <= work.batch_size <= cfg.federation.batch_size:
+            raise WireError(
+                f"{where}: {WORK}: rank {work.rank} / batch {work.batch_size} outside the campaign's "
+                f"1..{cfg.lora.rank} / 1..{cfg.federation.batch_size}"
+            )
+        return work
 
 
 # -- SecAgg+ stages ----------------------------------------------------------------------------------

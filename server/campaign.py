@@ -132,7 +132,7 @@ class CampaignServer:
         self.driver: RoundDriver = (
             SecureRound(cfg, run_dir.root) if cfg.secure_aggregation.protocol == "secagg+" else PlainRound(cfg)
         )
-        self.model, tokenizer = build_model(cfg)
+        self.model, tokenizer = build_model(cfg, quantize=False)  # evaluated and counted on the unquantized base
         self.evaluator = Evaluator(cfg, tokenizer)  # eval set, tasks, pinned threads: [evaluation]
         self.fingerprint = base_fingerprint(cfg.model)
         self.ledger = Ledger.open(resolve_url(run_dir.root, cfg.credit.db or None))

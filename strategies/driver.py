@@ -45,6 +45,7 @@ from fedtune.wire import (
     TrainReport,
     TrainRequest,
     WireError,
+    Work,
     arrays_from_record,
     read_reply,
     record_nbytes,
@@ -77,6 +78,8 @@ class NodeOutcome:
         It answered with an error (its ClientApp raised), as opposed to no reply or a refused reply.
     reply_s : float, optional
         Seconds from sending its training message to receiving its reply, measured by the coordinator.
+    work : Work, optional
+        The rank and batch it claimed to train with (checked by the driver; ``None``: the campaign's).
     """
 
     node_id: int
@@ -87,6 +90,7 @@ class NodeOutcome:
     epsilon: float | None = None
     error: bool = False
     reply_s: float | None = None
+    work: Work | None = None
 
     @property
     def reported_wall_s(self) -> float | None:
@@ -196,6 +200,7 @@ class NodeFates:
         self.inputs: dict[int, TrainReport] = {}  # in the aggregate, if the round applies
         self.errors: set[int] = set()  # answered with an error (the ClientApp raised)
         self.reply_s: dict[int, float] = {}  # send -> reply of each node's first (training) exchange
+        self.work: dict[int, Work] = {}
 
     def active(self) -> set[int]:
         """Cohort members with no fate yet."""
@@ -207,10 +212,12 @@ class NodeFates:
             log.warning("round %d: node %s %s: %s", self.server_round, node, status, reason)
             self.fate[node] = (status, reason)
 
-    def contributed(self, node: int, report: TrainReport, who: ContributorInfo) -> None:
-        """``node``'s update goes into the aggregate."""
+    def contributed(self, node: int, report: TrainReport, who: ContributorInfo, work: Work | None = None) -> None:
+        """``node``'s update goes into the aggregate (``work``: the rank and batch it claimed, if it says)."""
         self.who[node] = who
         self.inputs[node] = report
+        if work is not None:
+            self.work[node] = work
         if report.epsilon is not None:
             self.epsilon[node] = report.epsilon
 
@@ -292,6 +299,7 @@ class NodeFates:
                     self.epsilon.get(node),
                     reply_s=self.reply_s.get(node),
                     error=node in self.errors,
+                    work=self.work.get(node),
                 )
             )
         return out

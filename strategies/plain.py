@@ -11,6 +11,11 @@ Threat
     tensors do not match the request's names, shapes and dtypes is refused (the node fails), and a claimed
     example count is capped at what the server assigned, so no contributor outweighs an honest one.
 
+    A contributor that took on less (its own rank r and batch b, :class:`~fedtune.wire.Work`) is weighted by the
+    examples it claims, and its claim is checked: ``num_examples`` must be ``local_steps × b`` and its update may
+    not touch B's columns beyond r (they are the zero padding of a rank-r update). A claim that fails either check
+    fails the node.
+
 Pitfalls
     Honest contributors always report the assigned count (``local_steps × batch_size``, whatever their Poisson
     draws were), so the cap never changes an honest round.
@@ -20,11 +25,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import CampaignConfig
-from fedtune.wire import TrainReply, TrainRequest, record_nbytes
+from fedtune.wire import TrainReply, TrainRequest, WireError, Work, arrays_from_record, record_nbytes
 
 from .driver import NodeFates, RoundResult, Update, aggregate, exchange
 
@@ -55,8 +62,14 @@ class PlainRound:
         for message in replies:
             reply = fates.read(message, like=request.arrays)
             if isinstance(reply, TrainReply):
-                trained[message.metadata.src_node_id] = reply
-                fates.contributed(message.metadata.src_node_id, reply.report, reply.contributor)
+                node = message.metadata.src_node_id
+                try:
+                    work = self.checked_work(message.content, reply, request)
+                except WireError as exc:
+                    fates.out(node, "failed", f"train: invalid reply: {exc}")
+                    continue
+                trained[node] = reply
+                fates.contributed(node, reply.report, reply.contributor, work)
         abort_reason, arrays, metrics = None, None, None
         if len(trained) < fed.min_cohort:
             abort_reason = f"{len(trained)} updates, below the minimum cohort {fed.min_cohort}"
@@ -68,3 +81,19 @@ class PlainRound:
             arrays, metrics = aggregate(strategy, server_round, updates)
         bytes_up = sum(record_nbytes(r.arrays) for r in trained.values())
         return fates.result(request, arrays, metrics, abort_reason, bytes_up, round_trip_s)
+
+    def checked_work(self, content: RecordDict, reply: TrainReply, request: TrainRequest) -> Work | None:
+        """The reply's work claim, checked against its report and its update (raises :class:`WireError`)."""
+        work = Work.read(content, self.cfg)
+        if work is None:
+            return None
+        steps = self.cfg.federation.local_steps
+        if reply.report.num_examples != steps * work.batch_size:
+            raise WireError(
+                f"work: batch {work.batch_size} × {steps} steps, but {reply.report.num_examples} examples reported"
+            )
+        start, end = arrays_from_record(request.arrays), arrays_from_record(reply.arrays)
+        for name, before in start.items():
+            if "lora_B" in name and not np.array_equal(before[:, work.rank :], end[name][:, work.rank :]):
+                raise WireError(f"work: rank {work.rank} claimed, but {name} changed beyond column {work.rank}")
+        return work

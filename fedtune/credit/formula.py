@@ -21,7 +21,10 @@ plain LoRA. A contributor whose update was included in round *r* earns
 
 in **TFLOP-credits**: one credit is 10^12 nominal training FLOPs. ``assigned_tokens`` counts the tokens of
 the local steps the server asked for (sequences × their lengths), not what the contributor reports.
-Declined, dropped and failed contributors earn 0 for that round. The count is nominal: it leaves out
+Declined, dropped and failed contributors earn 0 for that round. A contributor that took on less than the campaign
+assigns (its own batch b and LoRA rank r, claimed with its update and checked by the round driver) is credited
+for that: ``local_steps × b × max_seq_len`` tokens at the FLOPs per token of a rank-r adapter
+(:func:`train_flops_per_token_at_rank`; A and B are linear in r). The count is nominal: it leaves out
 attention-score FLOPs and the per-sample-gradient overhead of DP-SGD, and ``N_base`` is the base model's
 parameter count as the server loads it. It is the same ruler for every contributor of a campaign, which is
 what fairness needs.
@@ -77,6 +80,17 @@ def train_flops_per_token(
             f"need 0 <= trainable ({n_train}) <= adapter ({n_adapter_params}) and base >= 0 ({n_base_params})"
         )
     return 4.0 * n_base_params + 4.0 * n_adapter_params + 2.0 * n_train
+
+
+def train_flops_per_token_at_rank(
+    n_base_params: int, n_adapter_params: int, n_trainable_adapter_params: int, rank: int, campaign_rank: int
+) -> float:
+    """:func:`train_flops_per_token` for a contributor that trained a rank-``rank`` part of a rank-``campaign_rank``
+    adapter: LoRA's parameter counts are linear in the rank (A is r × d_in, B is d_out × r)."""
+    if not 1 <= rank <= campaign_rank:
+        raise ValueError(f"need 1 <= rank ({rank}) <= campaign rank ({campaign_rank})")
+    adapter = n_adapter_params * rank // campaign_rank
+    return train_flops_per_token(n_base_params, adapter, n_trainable_adapter_params * rank // campaign_rank)
 
 
 def assigned_flops(tokens: int, flops_per_token: float) -> float:

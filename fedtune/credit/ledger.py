@@ -168,7 +168,8 @@ class RoundEntry:
 
     ``assigned_examples``/``assigned_tokens`` are the work the server asked for (they set the credit);
     ``reported_wall_s`` is the contributor's claim (only checked). ``reason`` says why a contributor that is
-    not ``included`` got nothing; it defaults to the status.
+    not ``included`` got nothing; it defaults to the status. ``flops_per_token`` overrides the round's for this
+    contributor (one that trained a smaller LoRA rank).
     """
 
     contributor_id: str
@@ -177,6 +178,7 @@ class RoundEntry:
     assigned_tokens: int = 0
     reported_wall_s: float | None = None
     reason: str | None = None
+    flops_per_token: float | None = None
 
 
 @dataclass(frozen=True)
@@ -654,6 +656,8 @@ def _check_round(campaign: str, round: int, entries: Sequence[RoundEntry], flops
             raise ValueError(f"status {entry.status!r} not one of {STATUSES}")
         if entry.assigned_examples < 0 or entry.assigned_tokens < 0:
             raise ValueError(f"negative assigned work: {entry!r}")
+        if entry.flops_per_token is not None and not entry.flops_per_token > 0:
+            raise ValueError(f"flops_per_token must be > 0, got {entry.flops_per_token} for {entry.contributor_id}")
         if entry.contributor_id in seen:
             raise ValueError(f"contributor {entry.contributor_id} appears twice in round {round}")
         seen.add(entry.contributor_id)
@@ -668,6 +672,7 @@ def _credit_row(
     recorded_at: datetime,
 ) -> RoundCredit:
     """What the server grants for one entry: credit only if included, a flag if the claim is absurd."""
+    flops_per_token = entry.flops_per_token or flops_per_token
     flops = assigned_flops(entry.assigned_tokens, flops_per_token)
     flagged = is_impossible_claim(flops, entry.reported_wall_s, peak)
     flag_reason = None

@@ -3,6 +3,16 @@
 The server and every contributor build the same PEFT model from the campaign config. In FFA-LoRA
 mode (Sun et al., ICLR 2024) each ``lora_A`` is derived from the public campaign seed and frozen, so
 only ``lora_B`` trains and travels, and averaging the B's averages the updates B·A exactly.
+
+Home GPUs: the base may be stored in bfloat16/float16 (``[model] dtype``; the adapter stays float32) or
+quantized by bitsandbytes to 8 or 4 bits (``[model] quantization``, QLoRA-style), gradient checkpointing is
+always the reentrant kind DP-SGD needs, and a contributor may attach a smaller rank r ≤ R: its frozen A is the
+first r rows of the campaign's seed-derived A, so its update is exactly a rank-r part of the campaign's adapter
+(``fedtune.clients.workspace`` pads it back to the campaign's shape).
+
+Pitfalls: a quantized base is placed on its device while loading (bitsandbytes weights cannot be moved after),
+still before PEFT is attached (opacus issue 820); bitsandbytes packs weights, so parameter counts of a quantized
+model are not the model's (the coordinator counts on the unquantized base).
 """
 
 from __future__ import annotations
@@ -17,13 +27,49 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedtune.config import WEIGHT_FILES, CampaignConfig, LoraSection, ModelSection, is_builtin
+from fedtune.ml.precision import DTYPES
 from fedtune.ml.tiny import builtin_path
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class FingerprintMismatch(RuntimeError):
     """A contributor's base model differs from the coordinator's."""
+
+
+class QuantizationUnavailable(RuntimeError):
+    """``[model] quantization`` asks for bitsandbytes where it is not installed; ``str()`` is one line."""
+
+
+def quantization_config(model: ModelSection):  # -> transformers.BitsAndBytesConfig | None
+    """bitsandbytes' config for ``[model] quantization`` (NF4 with double quantization, or LLM.int8), or None.
+
+    Raises :class:`QuantizationUnavailable` (one line) when bitsandbytes is not installed.
+    """
+    if model.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QuantizationUnavailable(
+            f"[model] quantization = {model.quantization!r} needs the bitsandbytes package "
+            "(pip install 'fedtune[qlora]', with a CUDA GPU); it is not installed here"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if model.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[model.dtype],
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _device_map(device: str | torch.device) -> dict[str, str | int]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"": dev.index if dev.index is not None else torch.cuda.current_device()}
+    return {"": dev.type}
 
 
 def resolve_model_dir(model: ModelSection) -> Path:
@@ -46,10 +92,14 @@ def resolve_model_dir(model: ModelSection) -> Path:
     )
 
 
-def load_base(model: ModelSection, device: str | torch.device = "cpu"):  # -> (PreTrainedModel, tokenizer)
+def load_base(
+    model: ModelSection, device: str | torch.device = "cpu", quantize: bool = True
+):  # -> (PreTrainedModel, tokenizer)
     """Load tokenizer and base model through ``from_pretrained`` and move the model to ``device``.
 
-    The move happens here, before LoRA is attached (opacus issue 820: attaching first corrupts updates).
+    The move happens here, before LoRA is attached (opacus issue 820: attaching first corrupts updates). With
+    ``[model] quantization`` (and ``quantize``) bitsandbytes quantizes the weights while they are loaded onto
+    ``device``; ``quantize=False`` loads the unquantized base (the coordinator evaluates on it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,8 +107,14 @@ def load_base(model: ModelSection, device: str | torch.device = "cpu"):  # -> (P
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model.dtype])
-    base.to(device)
+    quant = quantization_config(model) if quantize else None
+    if quant is None:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model.dtype])
+        base.to(device)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[model.dtype], quantization_config=quant, device_map=_device_map(device)
+        )
     for p in base.parameters():
         p.requires_grad_(False)
     return base, tokenizer
@@ -107,25 +163,33 @@ def _canonical(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
-def derive_lora_a(peft_model: PeftModel, seed: int) -> None:
+def derive_lora_a(peft_model: PeftModel, seed: int, campaign_rank: int | None = None) -> None:
     """Set every ``lora_A`` from the campaign seed (Kaiming-uniform bound, as PEFT's default init).
 
-    Per-module generators make A independent of module order, device and thread count.
+    Per-module generators make A independent of module order, device and thread count. A model of a smaller
+    rank r gets the first r rows of the ``campaign_rank``-row A (default: its own rank), so every contributor's
+    A is a slice of the one the campaign's adapter uses.
     """
     for name, module in peft_model.named_modules():
         if not name.endswith(".lora_A.default"):
             continue
         weight = module.weight
+        rows = max(campaign_rank or 0, weight.shape[0])
         gen = torch.Generator().manual_seed(_seed_for(seed, _canonical(name)))
         bound = 1.0 / math.sqrt(weight.shape[1])
-        values = (torch.rand(weight.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+        values = (torch.rand((rows, weight.shape[1]), generator=gen, dtype=torch.float32) * 2 - 1) * bound
         with torch.no_grad():
-            weight.copy_(values.to(weight.dtype))
+            weight.copy_(values[: weight.shape[0]].to(weight.dtype))
 
 
-def lora_config(lora: LoraSection) -> LoraConfig:
+def lora_scaling(lora: LoraSection, rank: int | None = None) -> float:
+    """PEFT's LoRA scaling ``alpha / r`` at ``rank`` (default: the campaign's): ΔW = scaling · B·A."""
+    return lora.alpha / (rank or lora.rank)
+
+
+def lora_config(lora: LoraSection, rank: int | None = None) -> LoraConfig:
     return LoraConfig(
-        r=lora.rank,
+        r=rank or lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
@@ -134,10 +198,14 @@ def lora_config(lora: LoraSection) -> LoraConfig:
     )
 
 
-def attach_lora(base, lora: LoraSection, seed: int) -> PeftModel:
-    """Wrap ``base`` with the campaign's adapter; in ``ffa`` mode freeze the seed-derived A."""
-    model = get_peft_model(base, lora_config(lora))
-    derive_lora_a(model, seed)
+def attach_lora(base, lora: LoraSection, seed: int, rank: int | None = None) -> PeftModel:
+    """Wrap ``base`` with the campaign's adapter (or a smaller ``rank``); in ``ffa`` mode freeze the seed-derived A.
+
+    PEFT keeps the adapter in float32 on a half-precision base (``autocast_adapter_dtype``): those are the
+    master weights the optimizer steps.
+    """
+    model = get_peft_model(base, lora_config(lora, rank), autocast_adapter_dtype=True)
+    derive_lora_a(model, seed, lora.rank)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.zeros_(p)
@@ -146,9 +214,47 @@ def attach_lora(base, lora: LoraSection, seed: int) -> PeftModel:
     return model
 
 
-def build_model(cfg: CampaignConfig, device: str | torch.device = "cpu"):  # -> (PeftModel, tokenizer)
-    base, tokenizer = load_base(cfg.model, device)
-    return attach_lora(base, cfg.lora, cfg.campaign.seed), tokenizer
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing in the form DP-SGD needs (and plain training accepts): reentrant, input grads on.
+
+    Non-reentrant checkpointing recomputes activations outside Opacus' hooks, so per-sample gradients of the
+    checkpointed layers go missing; reentrant checkpointing needs the embedding output to require grad.
+
+    Parameters
+    ----------
+    model
+        A Hugging Face causal LM, or a PEFT model around one.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": True}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.enable_input_require_grads()
+
+
+def build_model(
+    cfg: CampaignConfig, device: str | torch.device = "cpu", *, rank: int | None = None, quantize: bool = True
+):  # -> (PeftModel, tokenizer)
+    """The campaign's PEFT model on ``device``: base (quantized unless ``quantize`` is False), LoRA, checkpointing.
+
+    ``rank`` below the campaign's attaches a smaller adapter whose A is the first rows of the campaign's.
+    """
+    base, tokenizer = load_base(cfg.model, device, quantize)
+    quantized = quantize and cfg.model.quantization != "none"
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
+    model = attach_lora(base, cfg.lora, cfg.campaign.seed, rank)
+    if cfg.model.gradient_checkpointing and not quantized:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
 
 
 def trainable_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedtune.ml.model import enable_gradient_checkpointing
+
 from .params import GradSampleMode, require
 
 if TYPE_CHECKING:
@@ -80,19 +82,14 @@ def enable_dp_gradient_checkpointing(model: nn.Module) -> None:
 
     Non-reentrant checkpointing recomputes activations outside Opacus' hooks, so per-sample gradients of
     the checkpointed layers go missing; reentrant checkpointing needs the embedding output to require grad.
+    It is :func:`fedtune.ml.model.enable_gradient_checkpointing` (what ``[model] gradient_checkpointing`` turns on).
 
     Parameters
     ----------
     model
         A Hugging Face causal LM, or a PEFT model around one.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs = {"use_reentrant": True}
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    base.enable_input_require_grads()
+    enable_gradient_checkpointing(model)
 
 
 def batch_rows(batch: Any) -> int:
@@ -140,8 +137,12 @@ class PrivateRun:
     def _count_step(self, _optimizer: Any = None) -> None:
         self.steps_taken += 1
 
-    def backward(self, losses: torch.Tensor) -> None:
-        """Per-sample gradients (hooks) or norms plus the clipped sum (ghost) of per-sequence ``losses``."""
+    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> None:
+        """Per-sample gradients (hooks) or norms plus the clipped sum (ghost) of per-sequence ``losses``.
+
+        ``losses`` may be one micro-batch of a larger batch (``batch_rows``): Opacus rescales the chunk's mean
+        loss to per-sample gradients either way, and the noised sum is divided by the expected batch size.
+        """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if self.grad_sample_mode == "ghost":
@@ -150,6 +151,16 @@ class PrivateRun:
                 DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean").backward()  # type: ignore[arg-type]
             else:
                 losses.mean().backward()
+
+    def accumulate(self) -> None:
+        """Between micro-batches: clip this chunk's per-sample gradients into the step's sum, draw no noise.
+
+        Opacus' virtual step: ``signal_skip_step`` makes the next ``step()`` only clip and accumulate into
+        ``summed_grad`` (kept by ``zero_grad`` after a skipped step); the final :meth:`step` adds the noise once.
+        """
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
         """Clip, noise, and apply the update (counted in :attr:`steps_taken`)."""
