@@ -208,8 +208,9 @@ class Sweep:
             str(self.root / "configs" / f"{point.name}.toml"),
             "--run-dir",
             str(self.run_dir(point)),
-            "--resume",
         ]
+        if self.run_dir(point).exists():  # an interrupted point; --resume refuses a run dir that does not exist
+            cmd.append("--resume")
         with log.open("a", encoding="utf-8") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
