@@ -289,7 +289,7 @@ def test_the_real_campaign_completes_unharmed(attacked: Attacked) -> None:
     """The contributors join once every attack was tried (the ServerApp has been waiting for them meanwhile)."""
     fed, outsider = attacked.fed, attacked.outsider
     for i, c in enumerate(fed.contributors):
-        fed.join(c, i, 2)
+        fed.join(c, i, 2, "--allow-no-dp")  # no DP in this campaign; the policy declines it otherwise
     row = wait_for(lambda: fed.row(ROUNDS), ROUNDS * ROUND_TIMEOUT_S, f"round {ROUNDS} in metrics.jsonl")
     assert row is not None
     outsider.stop_polling.set()
