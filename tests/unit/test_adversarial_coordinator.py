@@ -177,6 +177,7 @@ def simulation_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 # -- 1. public-seed batch and noise reconstruction ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_identical_public_inputs_draw_different_batches_and_noise(
     tmp_path: Path, start: dict, fingerprint: str
 ) -> None:
@@ -186,6 +187,7 @@ def test_identical_public_inputs_draw_different_batches_and_noise(
     assert not same(adapter(one), adapter(two)), "same campaign, round, partition and shard gave the same update"
 
 
+@pytest.mark.slow
 def test_coordinator_cannot_recompute_a_round_from_the_public_seed(
     tmp_path: Path, start: dict, fingerprint: str, simulation_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,6 +238,7 @@ def test_a_raised_target_epsilon_is_declined_and_the_budget_never_grows(
     assert c.steps_spent() == spent
 
 
+@pytest.mark.slow
 def test_a_lower_noise_multiplier_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:
     c = contributor(tmp_path / "c", policy={"max_epsilon": 1000.0, "min_noise_multiplier": 0.3})
     declined_for(c.train(campaign(target_epsilon=30.0), 1, start, fingerprint), "noise multiplier")
@@ -288,6 +291,7 @@ def test_a_state_folder_named_by_the_coordinator_is_ignored(
     assert c.steps_spent() == FED["local_steps"]
 
 
+@pytest.mark.slow
 def test_renaming_the_campaign_does_not_reset_the_budget(
     tmp_path: Path, start: dict, fingerprint: str, simulation_root: Path
 ) -> None:
@@ -397,6 +401,7 @@ class RecordingGrid(InProcessGrid):
         return got
 
 
+@pytest.mark.slow
 def test_secure_round_replies_carry_no_private_statistic(tmp_path: Path, start: dict, fingerprint: str) -> None:
     cfg = CampaignConfig.from_dict(
         small_campaign(privacy=DP, federation=FED, secure_aggregation={"protocol": "secagg+", "stage_timeout_s": 60.0})

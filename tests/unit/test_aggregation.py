@@ -87,6 +87,7 @@ def test_ffa_aggregation_is_exact() -> None:
     assert err < 1e-5, f"FFA aggregate differs from the exact weighted mean of B·A by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_lora_mode_is_only_approximate() -> None:
     ffa, lora = aggregation_error("ffa"), aggregation_error("lora")
     print(f"relative error of mean(B)·mean(A): ffa {ffa:.2e}, lora {lora:.2e}")

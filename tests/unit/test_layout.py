@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from ..conftest import REPO
 
 PACKAGE_DIRS = {
@@ -152,6 +154,7 @@ def test_no_import_cycles() -> None:
     assert not cycles, cycles
 
 
+@pytest.mark.slow
 def test_a_contributor_process_does_not_load_the_ledger() -> None:
     """``fedtune join`` and the ClientApp it runs: no SQLAlchemy, no Alembic (seconds per process)."""
     code = (

@@ -117,6 +117,7 @@ def test_join_flags_write_the_policy_and_dp_stays_required_unless_allowed(
     assert "max_delta" in (write_join_policy(join_args(tmp_path, "--max-delta", "2")) or "")
 
 
+@pytest.mark.slow
 def test_join_refuses_to_start_with_the_simulation_seed_set(tmp_path: Path) -> None:
     env = {**os.environ, SIMULATION_SEED_ENV: "1"}
     cmd = [sys.executable, "-m", "fedtune.cli", "join", "--coordinator", "127.0.0.1:1", "--insecure"]
@@ -174,6 +175,7 @@ def trained_adapter(grid: InProcessGrid, cfg: CampaignConfig, start: dict) -> di
     return {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
 
 
+@pytest.mark.slow
 def test_the_simulation_seed_reproduces_simulated_rounds_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = CampaignConfig.from_dict(small_campaign(privacy=DP, federation=FED))
     start = trainable_arrays(build_model(cfg)[0])

@@ -382,6 +382,7 @@ def independent_epsilon(kind: str, noise: float, sample_rate: float, steps: int,
     return float(independent_accountant(kind, noise, sample_rate, steps).get_epsilon(delta=delta))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 @pytest.mark.parametrize("kind", ["prv", "rdp"])
 def test_epsilon_after_rounds_matches_independent_opacus_accountant(
@@ -445,6 +446,7 @@ FORMAT_1_STATE = {
 FORMAT_1_EPSILON = 6.5148159445295  # what the code that wrote it reported
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_a_state_file_from_before_the_package_keeps_its_spent_budget(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE).write_text(json.dumps(FORMAT_1_STATE, indent=2))
@@ -464,6 +466,7 @@ def test_a_state_file_from_before_the_package_keeps_its_spent_budget(tmp_path: P
     assert rdp.epsilon_spent() == pytest.approx(independent_epsilon("rdp", 0.6292724609375, 0.1, 9, 1e-5), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_small_personal_budget_declines_and_keeps_declining_after_reload(tmp_path: Path) -> None:
     params = PrivacyParams(target_epsilon=8.0, personal_max_epsilon=5.0, planned_rounds=10, accountant="rdp")
     shape = {"shard_size": 100, "batch_size": 10, "local_steps": 20}
@@ -489,6 +492,7 @@ def test_small_personal_budget_declines_and_keeps_declining_after_reload(tmp_pat
     assert summary["epsilon_spent"] <= summary["budget"] == 5.0
 
 
+@pytest.mark.slow
 def test_training_past_the_budget_is_refused_before_any_step(
     tmp_path: Path, model_path: Path, shard: TokenizedSet
 ) -> None:

@@ -96,6 +96,7 @@ def _scenarios(draw: st.DrawFn) -> tuple[int, int | None, int | None, int, Quant
     return n, k, t, length, quant, drop
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_scenarios(), st.integers(0, 2**16))
 def test_unmasked_sum_is_exact_under_dropouts(scenario: tuple, seed: int) -> None:

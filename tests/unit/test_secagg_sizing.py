@@ -58,6 +58,7 @@ def test_exposure_is_zero_once_the_threshold_exceeds_the_colluders() -> None:
         assert exposure_probability(n, min(n - 1, 2 * c), c, c) > 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,degree,t,dropout", [(12, 6, 4, 0.2), (20, 8, 5, 0.1), (9, 8, 5, 0.2), (16, 15, 8, 0.3)])
 def test_failure_bound_holds_against_monte_carlo_dropouts(n: int, degree: int, t: int, dropout: float) -> None:
     """The round finishes iff every member keeps ≥ t live neighbours and a quorum of members is left."""

@@ -180,6 +180,7 @@ def test_pass_at_k_estimator_by_hand() -> None:
     assert pass_at_k(3, 0, 2) == 0.0 and pass_at_k(3, 2, 2) == 1.0
 
 
+@pytest.mark.slow
 def test_pass_at_k_with_entry_point(checkpoint, tmp_path) -> None:
     model, tok = checkpoint
     rows = [

@@ -72,6 +72,7 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["code", "finance", "general", "medical"])
 def test_template_is_a_valid_campaign_with_local_stand_ins(name, stand_ins, tmp_path, capsys) -> None:
     assert sorted(template_names()) == ["code", "finance", "general", "medical"]
