@@ -77,6 +77,22 @@ def check_campaign(cfg: CampaignConfig) -> Preflight:
     return report
 
 
+def check_local_contributors(cfg: CampaignConfig) -> None:
+    """What a simulation's contributors, which run on this machine, need here: bitsandbytes for a quantized base.
+
+    (``coordinate`` does not call it: its contributors check their own machines before they accept a round.)
+    """
+    import importlib.util
+
+    if cfg.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise _error(
+            cfg,
+            "[model] quantization",
+            "'none', or bitsandbytes installed (pip install 'fedtune[qlora]')",
+            f"{cfg.model.quantization!r} without bitsandbytes",
+        )
+
+
 def _error(cfg: CampaignConfig, key: str, expected: str, found: object) -> ConfigError:
     return ConfigError(cfg.source_file or "<campaign>", key, expected, found)
 

@@ -168,7 +168,7 @@ def prepare_run_dir(args: argparse.Namespace, cfg: CampaignConfig) -> tuple[RunD
 
     Nothing is written until every check has passed.
     """
-    from fedtune.preflight import check_campaign
+    from fedtune.preflight import check_campaign, check_local_contributors
 
     requested = Path(args.run_dir) if args.run_dir else Path(cfg.campaign.run_dir)
     run_dir = RunDir(usable_run_dir(requested, args.config, resume=args.resume).resolve())
@@ -181,6 +181,7 @@ def prepare_run_dir(args: argparse.Namespace, cfg: CampaignConfig) -> tuple[RunD
     if not args.verbose:
         quiet_libraries()
     check_campaign(cfg)
+    check_local_contributors(cfg)
     cfg.campaign.run_dir = str(run_dir.root)
     if plan is not None:
         return run_dir, plan.apply()

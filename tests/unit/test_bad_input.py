@@ -116,6 +116,12 @@ def test_unknown_builtin_model(capsys, tmp_path, write_campaign) -> None:
     assert "[model] name" in line and "builtin:tiny-llama" in line and "builtin:huge-llama" in line
 
 
+def test_quantized_base_without_bitsandbytes(capsys, tmp_path, write_campaign, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # how Python marks a package as not importable
+    line = refuse(capsys, tmp_path, write_campaign(model={"name": "builtin:tiny-llama", "quantization": "4bit"}))
+    assert "[model] quantization" in line and "bitsandbytes" in line and "'4bit'" in line
+
+
 def test_model_config_json_is_not_json(capsys, tmp_path, write_campaign) -> None:
     model = tmp_path / "model"
     model.mkdir()
