@@ -15,16 +15,20 @@ HOME_HELP = "(default $FEDTUNE_COORDINATOR_HOME, else ~/.fedtune/coordinator)"
 
 
 def cmd_coordinate(args: argparse.Namespace) -> int:
-    from fedtune.server.coordinator import coordinate
+    try:
+        from fedtune.server.coordinator import coordinate
 
-    return coordinate(
-        Path(args.config),
-        Path(args.run_dir) if args.run_dir else None,
-        args.address,
-        insecure=args.insecure,
-        bind=args.bind,
-        home=Path(args.home) if args.home else None,
-    )
+        return coordinate(
+            Path(args.config),
+            Path(args.run_dir) if args.run_dir else None,
+            args.address,
+            insecure=args.insecure,
+            bind=args.bind,
+            home=Path(args.home) if args.home else None,
+        )
+    except KeyboardInterrupt:  # Ctrl-C while validating, before the SuperLink started (it handles its own)
+        print("interrupted: nothing was started", file=sys.stderr)
+        return 130
 
 
 def policy_changes(args: argparse.Namespace) -> dict[str, object]:
