@@ -40,6 +40,9 @@ TLS_MARKER = "SSL/TLS handshake error"
 """Logged (ERROR) when the TLS handshake fails: wrong CA, or a certificate that does not cover the address."""
 REFUSED_KEY_MARKER = "Failed to activate SuperNode"
 """Logged when the SuperLink refuses the node's key (``Exit Code: 305`` alone is any failed first connection)."""
+GAVE_UP_MARKER = "Exit Code: 305"
+"""Logged when the SuperNode's first connection failed for good: a TLS failure (after :data:`TLS_MARKER`) or an
+HTTP error answer from the SuperLink (it was reached); unreachable addresses are retried forever instead."""
 ANNOUNCE_AFTER_S = 3.0
 """A failed attempt is announced once no connection followed it for this long (TLS failures at once)."""
 DOCTOR_HINT = "fedtune doctor --coordinator {address}{cert}"
@@ -249,7 +252,10 @@ class ConnectWatch:
         self._announced = False
 
     def feed(self, line: str) -> None:
-        if CONNECTED_MARKER in line or REFUSED_KEY_MARKER in line:  # a refused key got through TLS: reachable
+        # reached: connected, or a refused key (it got through TLS), or Flower gave up on an HTTP answer (it gives
+        # up on TLS failures and HTTP errors only; an address nobody answers on is retried forever)
+        reached = (CONNECTED_MARKER, REFUSED_KEY_MARKER) + (() if self.tls else (GAVE_UP_MARKER,))
+        if any(marker in line for marker in reached):
             self.connected = True
         elif TLS_MARKER in line or RETRY_MARKER in line:
             self.tls = self.tls or TLS_MARKER in line

@@ -210,6 +210,11 @@ def test_watch_tls_failure_is_final_and_a_connection_ends_the_watch(tmp_path: Pa
     refused = ConnectWatch("coord:9092", 1, None, Clock(), reason=lambda _a: "unused")
     refused.feed("[code: 3] Failed to activate SuperNode.")  # a refused key got through TLS: reachable
     assert refused.connected
+    answered = ConnectWatch("coord:9092", 1, None, Clock(), reason=lambda _a: "unused")
+    answered.feed("ERROR :     Exit Code: 305")  # an HTTP error answer: the SuperLink was reached
+    assert answered.connected
+    watch.feed("ERROR :     Exit Code: 305")  # after a TLS failure it is that failure, not an answer
+    assert not watch.connected
 
 
 def test_watched_strings_are_flowers() -> None:
@@ -219,6 +224,9 @@ def test_watched_strings_are_flowers() -> None:
 
     retry_src, start_src = inspect.getsource(http_retry), inspect.getsource(start)
     assert join_checks.RETRY_MARKER in retry_src and join_checks.TLS_MARKER in retry_src
+    from flwr.supercore.exit.exit_code import ExitCode
+
+    assert f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}" == join_checks.GAVE_UP_MARKER
     assert '"SuperNode ID: %s"' in start_src
     from flwr.supercore.error import catalog
 
