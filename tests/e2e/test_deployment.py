@@ -189,6 +189,8 @@ class Federation:
                 str(partitions),
                 "--benchmark-seconds",
                 "0.2",
+                "--connect-timeout",  # the coordinator may take minutes to listen on a busy test machine
+                "900",
                 *extra,
             ],
             c.log,
