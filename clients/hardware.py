@@ -97,7 +97,12 @@ def _nvml_driver() -> str | None:
 
 
 def probe(gpu: int | None = None) -> HardwareInfo:
-    """Describe the machine; with ``gpu`` set, the device training will use is that CUDA device."""
+    """Describe the machine; with ``gpu`` set, the device training will use is that CUDA device.
+
+    ``gpu`` is torch's index in this process (it honours the caller's ``CUDA_VISIBLE_DEVICES``); an index torch
+    cannot use leaves ``device`` on the CPU here, which is why ``fedtune join`` refuses one before probing
+    (:func:`fedtune.clients.join_checks.plan_device`, which also gives the SuperNode's ``CUDA_VISIBLE_DEVICES``).
+    """
     import torch
 
     info = HardwareInfo(

@@ -30,12 +30,18 @@ from fedtune.deploy.keys import ContributorKeys, ensure_keys
 from fedtune.deploy.processes import preexec, stop_process, stop_requested, venv_path
 from fedtune.files import atomic_write_text
 
+from .join_checks import ConnectWatch, DevicePlan, check_join, visible_devices, work_options
+
 ROUNDS_FILE = "rounds.jsonl"
 REFUSED_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
 """What ``flower-supernode`` logs when the SuperLink refuses its key (its process exit status is 1)."""
 
+EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
 EXIT_SUPERNODE_FAILED = 4
+EXIT_UNREACHABLE = 5
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted: the SuperNode is stopped; run the same fedtune join again to rejoin"
 
 
 @dataclass
@@ -45,6 +51,7 @@ class JoinOptions:
     coordinator: str
     state_dir: Path
     gpu: int | None = None
+    cpu: bool = False
     data: Path | None = None
     root_cert: Path | None = None
     name: str = ""
@@ -56,6 +63,10 @@ class JoinOptions:
     num_partitions: int = 1
     benchmark_s: float = 1.0
     enrol_wait_s: float = 300.0
+    connect_timeout_s: float = 120.0
+    max_rank: int | None = None
+    batch_size: int | None = None
+    micro_batch: int | None = None
     verbose: bool = False
 
 
@@ -80,6 +91,8 @@ def node_config(opts: JoinOptions, keys: ContributorKeys, peak_flops: float, dev
     }
     if opts.max_epsilon is not None:
         items["max-epsilon"] = repr(float(opts.max_epsilon))
+    for key, value in work_options(opts).items():
+        items[key] = str(int(value))
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
@@ -99,7 +112,8 @@ def supernode_env(opts: JoinOptions, bin_dir: Path, device: str) -> dict[str, st
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(bin_dir), venv_path()])
     env["FLWR_HOME"] = str(opts.state_dir / "flwr")
-    env["CUDA_VISIBLE_DEVICES"] = str(opts.gpu) if device.startswith("cuda") else ""
+    cuda = device.startswith("cuda") and opts.gpu is not None
+    env["CUDA_VISIBLE_DEVICES"] = visible_devices(opts.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")) if cuda else ""
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -127,39 +141,53 @@ class _Tail:
         return out
 
 
-def _pump(stream: io.BufferedReader, log_path: Path, echo: bool, seen: list[str]) -> None:
+def _pump(
+    stream: io.BufferedReader, log_path: Path, echo: bool, seen: list[str], watch: ConnectWatch | None = None
+) -> None:
     """Copy the SuperNode's output to its log file (and the console with --verbose), noting refusals."""
     with log_path.open("ab") as log:
         for raw in iter(stream.readline, b""):
             log.write(raw)
             log.flush()
             line = raw.decode("utf-8", "replace")
+            if watch is not None:
+                watch.feed(line)
             if any(m in line for m in REFUSED_MARKERS):
                 seen.append(line.strip())
             if echo:
                 sys.stderr.write(line)
 
 
-def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
-    """Run the join agent until Ctrl-C or a fatal SuperNode error; the return value is the exit status."""
-    from .hardware import benchmark, probe
+def run_join(opts: JoinOptions, out: TextIO = sys.stdout, policy: Any = None) -> int:
+    """Run the join agent until Ctrl-C or a fatal SuperNode error; the return value is the exit status.
 
+    Every argument is checked first (:func:`fedtune.clients.join_checks.check_join`): a problem is one
+    ``error:`` line, exit 2, and nothing written. Then the state dir is created and ``policy`` (the
+    :class:`~fedtune.clients.policy.ContributorPolicy` ``join``'s flags asked for, already checked) saved in it.
+    """
     opts.state_dir = opts.state_dir.expanduser().resolve()
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
     if opts.data is not None:
         opts.data = opts.data.expanduser().resolve()
     if opts.root_cert is not None:
         opts.root_cert = opts.root_cert.expanduser().resolve()
-        if not opts.root_cert.is_file():
-            print(f"error: --root-cert {opts.root_cert} is not a file", file=sys.stderr)
-            return 2
-    elif not opts.insecure:
-        print("error: pass --root-cert CA.pem (the CA file the coordinator gave you) or --insecure", file=sys.stderr)
-        return 2
+    plan = check_join(opts)
+    if isinstance(plan, str):
+        print(f"error: {plan}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        opts.state_dir.mkdir(parents=True, exist_ok=True)
+        if policy is not None:
+            policy.save(opts.state_dir)
+    except OSError as exc:
+        print(f"error: --state-dir {opts.state_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return _start(opts, plan, out)
 
-    hw = probe(opts.gpu)
-    if opts.gpu is not None and not hw.device.startswith("cuda"):
-        print(f"warning: GPU {opts.gpu} is not visible to torch; contributing on the CPU", file=sys.stderr)
+
+def _start(opts: JoinOptions, plan: DevicePlan, out: TextIO) -> int:
+    from .hardware import benchmark, probe
+
+    hw = probe(plan.probe_gpu)
     print(f"hardware: {hw.summary()}", file=out)
     bench = benchmark(hw.device, opts.benchmark_s)
     peak = bench.declared
@@ -177,13 +205,11 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
 
     bin_dir = opts.state_dir / "bin"
     shim = write_shim(bin_dir)
-    env = supernode_env(opts, bin_dir, hw.device)
+    env = supernode_env(opts, bin_dir, plan.node_device)
     if shutil.which("flwr-clientapp", path=env["PATH"]) != str(shim):
         print("error: could not put fedtune's guarded flwr-clientapp first on the SuperNode's PATH", file=sys.stderr)
         return EXIT_SUPERNODE_FAILED
-    cmd = supernode_command(
-        opts, keys, node_config(opts, keys, peak, "cuda:0" if hw.device.startswith("cuda") else "cpu")
-    )
+    cmd = supernode_command(opts, keys, node_config(opts, keys, peak, plan.node_device))
     return _supervise(opts, cmd, env, out)
 
 
@@ -197,25 +223,31 @@ def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out
     tail = _Tail(opts.state_dir / ROUNDS_FILE)
     log_path = opts.state_dir / "supernode.log"
     deadline = time.monotonic() + opts.enrol_wait_s
+    watch = ConnectWatch(opts.coordinator, opts.connect_timeout_s, opts.root_cert)
     print(f"joining {opts.coordinator} (SuperNode log: {log_path}); Ctrl-C to stop", file=out)
     while not stop.is_set():
         refused: list[str] = []
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec())
         assert proc.stdout is not None
-        pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, opts.verbose, refused), daemon=True)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, opts.verbose, refused, watch), daemon=True)
         pump.start()
         while proc.poll() is None and not stop.is_set():
             for row in tail.rows():
                 print(contributor_round_line(row), file=out, flush=True)
+            if (code := _unreachable(watch, proc, out)) is not None:
+                pump.join(5)
+                return code
             stop.wait(0.5)
         if stop.is_set():
-            print("stopping the SuperNode…", file=out, flush=True)
-            stop_process(proc)
-            pump.join(5)
-            return 0
+            return _interrupted(proc, pump, out)
         pump.join(5)
         for row in tail.rows():
             print(contributor_round_line(row), file=out, flush=True)
+        if not watch.connected and (watch.tls or (watch.failures and not refused)):  # TLS failures exit with 305 too
+            print(
+                f"error: {watch.failure_line(f'(the SuperNode exited with status {proc.returncode})')}", file=sys.stderr
+            )
+            return EXIT_UNREACHABLE
         if not refused:
             print(f"error: the SuperNode exited with status {proc.returncode}; see {log_path}", file=sys.stderr)
             return EXIT_SUPERNODE_FAILED
@@ -228,4 +260,25 @@ def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out
             return EXIT_REFUSED
         print("not accepted by the coordinator (yet): waiting for approval, retrying in 5 s", file=out, flush=True)
         stop.wait(5.0)
-    return 0
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _unreachable(watch: ConnectWatch, proc: subprocess.Popen[bytes], out: TextIO) -> int | None:
+    """Tell the console when the coordinator cannot be reached; stop the SuperNode once ``--connect-timeout`` passed."""
+    if (verdict := watch.verdict()) is None:
+        if (news := watch.news()) is not None:
+            print(news, file=out, flush=True)
+        return None
+    stop_process(proc)
+    print(f"error: {verdict}", file=sys.stderr, flush=True)
+    return EXIT_UNREACHABLE
+
+
+def _interrupted(proc: subprocess.Popen[bytes], pump: threading.Thread, out: TextIO) -> int:
+    """Ctrl-C (or SIGTERM): stop the SuperNode and everything it started, say so, exit status 130."""
+    print("stopping the SuperNode…", file=out, flush=True)
+    stop_process(proc)
+    pump.join(5)
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED

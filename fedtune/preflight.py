@@ -343,6 +343,30 @@ def check_inputs(cfg: CampaignConfig, tokenizer: Any) -> None:
             raise ConfigError(path, f"{key} prompt_template", "a template the rows fill", repr(exc)) from None
 
 
+def check_contributor_data(source: str | Path) -> int:
+    """A deployed contributor's own data (``fedtune join --data``): records fedtune reads; their number.
+
+    Checked before ``join`` writes or starts anything, with the loader the contributor's rounds use
+    (:func:`fedtune.ml.data.load_table`: a ``.jsonl``/``.json``/``.txt``/``.parquet``/``.csv`` file or a folder of
+    them). The fields are checked when a campaign names them (``[data]``). Raises :class:`DataError` (one line).
+    """
+    from datasets.utils import logging as ds_logging
+
+    from fedtune.ml.data import DataError, load_table
+
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # "Generating train split" bars would precede the one error line
+    try:
+        with _quiet():
+            table = load_table(str(source))
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
+    if len(table) == 0:
+        raise DataError(f"{source}: expected records, found none")
+    return len(table)
+
+
 def check_data(cfg: CampaignConfig, tokenizer: Any) -> tuple[int, list[int]]:
     """(tokenized eval examples, every virtual contributor's shard size); errors name the key to fix."""
     import dataclasses

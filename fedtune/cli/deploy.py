@@ -6,23 +6,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 HOME_HELP = "(default $FEDTUNE_COORDINATOR_HOME, else ~/.fedtune/coordinator)"
 
 
 def cmd_coordinate(args: argparse.Namespace) -> int:
-    from fedtune.server.coordinator import coordinate
+    try:
+        from fedtune.server.coordinator import coordinate
 
-    return coordinate(
-        Path(args.config),
-        Path(args.run_dir) if args.run_dir else None,
-        args.address,
-        insecure=args.insecure,
-        bind=args.bind,
-        home=Path(args.home) if args.home else None,
-    )
+        return coordinate(
+            Path(args.config),
+            Path(args.run_dir) if args.run_dir else None,
+            args.address,
+            insecure=args.insecure,
+            bind=args.bind,
+            home=Path(args.home) if args.home else None,
+        )
+    except KeyboardInterrupt:  # Ctrl-C while validating, before the SuperLink started (it handles its own)
+        print("interrupted: nothing was started", file=sys.stderr)
+        return 130
 
 
 def policy_changes(args: argparse.Namespace) -> dict[str, object]:
@@ -46,34 +52,52 @@ def policy_changes(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def write_join_policy(args: argparse.Namespace) -> str | None:
-    """Check the local-only switches and write the contributor's policy file; an error line, or ``None``."""
+def join_policy(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The contributor policy ``join``'s flags ask for, checked but not written: ``(policy, None)`` or an error line."""
     import os
 
-    from fedtune.clients.policy import SIMULATION_SEED_ENV, PolicyError, update_policy_file
+    from fedtune.clients.policy import SIMULATION_SEED_ENV, ContributorPolicy, PolicyError
     from fedtune.clients.trainer import secure_mode_missing
 
     if SIMULATION_SEED_ENV in os.environ:
-        return f"{SIMULATION_SEED_ENV} is set: it makes batches and noise reproducible, for simulations only; unset it"
+        return None, (
+            f"{SIMULATION_SEED_ENV} is set: it makes batches and noise reproducible, for simulations only; unset it"
+        )
+    changes = {k: v for k, v in policy_changes(args).items() if v is not None}
     try:
-        policy = update_policy_file(Path(args.state_dir).expanduser().resolve(), policy_changes(args))
+        policy = dataclasses.replace(ContributorPolicy.load(Path(args.state_dir).expanduser().resolve()), **changes)
     except (PolicyError, OSError) as exc:
-        return str(exc)
+        return None, str(exc)
     if policy.secure_mode and (missing := secure_mode_missing()) is not None:
-        return missing
+        return None, missing
+    return policy, None
+
+
+def write_join_policy(args: argparse.Namespace) -> str | None:
+    """Check the local-only switches and write the contributor's policy file; an error line, or ``None``."""
+    policy, error = join_policy(args)
+    if error is not None:
+        return error
+    try:
+        policy.save(Path(args.state_dir).expanduser().resolve())
+    except OSError as exc:
+        return str(exc)
     return None
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    """Every argument is checked before anything is written: the policy flags here, the rest in ``run_join``."""
     from fedtune.clients.join import JoinOptions, run_join
 
-    if (error := write_join_policy(args)) is not None:
+    policy, error = join_policy(args)
+    if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 2
     opts = JoinOptions(
         coordinator=args.coordinator,
         state_dir=Path(args.state_dir),
         gpu=args.gpu,
+        cpu=args.cpu,
         data=Path(args.data) if args.data else None,
         root_cert=Path(args.root_cert) if args.root_cert else None,
         name=args.name or "",
@@ -85,9 +109,23 @@ def cmd_join(args: argparse.Namespace) -> int:
         num_partitions=args.num_partitions,
         benchmark_s=args.benchmark_seconds,
         enrol_wait_s=args.enrol_wait,
+        connect_timeout_s=args.connect_timeout,
+        max_rank=args.max_rank,
+        batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
         verbose=args.verbose,
     )
-    return run_join(opts)
+    from fedtune.cli.interrupt import become_subreaper, stop_descendants
+
+    become_subreaper()  # the SuperNode's own children (flwr-clientapp) are found and stopped on Ctrl-C too
+    try:
+        code = run_join(opts, policy=policy)
+    except KeyboardInterrupt:  # Ctrl-C before the SuperNode started (probe, benchmark, keys)
+        print("interrupted: nothing was started; run the same fedtune join again", file=sys.stderr)
+        code = 130
+    if code == 130:
+        stop_descendants()
+    return code
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -136,7 +174,8 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
     jo = sub.add_parser("join", help="contribute this machine to a coordinator's campaign (Flower SuperNode)")
     jo.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    jo.add_argument("--gpu", type=int, help="CUDA device index to contribute (default: CPU)")
+    jo.add_argument("--gpu", type=int, help="CUDA device index to contribute (an error if torch cannot use it)")
+    jo.add_argument("--cpu", action="store_true", help="contribute on the CPU (the default without --gpu)")
     jo.add_argument("--data", help="folder or file with this contributor's own training data")
     jo.add_argument(
         "--state-dir",
@@ -186,6 +225,18 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
         default=600.0,
         help="seconds to keep retrying while the coordinator has not approved the key (default 600)",
     )
+    jo.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to keep trying to reach the coordinator before giving up (default 120)",
+    )
+    work = jo.add_argument_group(
+        "work", "take on less than the campaign assigns, to fit this machine (never more; the campaign caps them)"
+    )
+    work.add_argument("--max-rank", type=int, help="largest LoRA rank to train (FFA campaigns aggregate it exactly)")
+    work.add_argument("--batch-size", type=int, help="largest batch to train with")
+    work.add_argument("--micro-batch", type=int, help="split each batch into micro-batches of this size (less memory)")
     jo.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
     jo.set_defaults(func=cmd_join)
 

@@ -189,6 +189,8 @@ class Federation:
                 str(partitions),
                 "--benchmark-seconds",
                 "0.2",
+                "--connect-timeout",  # the coordinator may take minutes to listen on a busy test machine
+                "900",
                 *extra,
             ],
             c.log,
@@ -250,7 +252,7 @@ def test_unenrolled_contributor_is_refused(federation: Federation) -> None:
     stranger = federation.contributor("stranger", enrol=False)
     federation.join(stranger, 0, 3, "--enrol-wait", "0")
     assert stranger.proc is not None
-    assert stranger.proc.wait(120) == 3, stranger.output()
+    assert stranger.proc.wait(300) == 3, stranger.output()  # the coordinator may take minutes to listen
     assert "refused this contributor's key" in stranger.output()
     assert "fedtune approve" in stranger.output()
 
@@ -283,8 +285,8 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     for c in survivors:  # Ctrl-C stops a contributor cleanly
         assert c.proc is not None
         os.kill(c.proc.pid, signal.SIGINT)
-        assert c.proc.wait(60) == 0, c.output()
-        assert "stopping the SuperNode" in c.output()
+        assert c.proc.wait(60) == 130, c.output()
+        assert "stopping the SuperNode" in c.output() and "interrupted: the SuperNode is stopped" in c.output()
 
 
 def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) -> None:
