@@ -212,7 +212,7 @@ class LocalUpdate:
     end: dict[str, np.ndarray]
     report: TrainReport
     who: ContributorInfo
-    work: Work | None = None  # the rank and batch this contributor took on (sent with a plain reply)
+    work: Work | None = None  # the rank and batch this contributor took on (sent with its reply, plain or masked)
 
 
 def local_update(

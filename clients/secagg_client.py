@@ -54,10 +54,13 @@ from fedtune.secagg.crypto import identity_public_bytes
 from fedtune.wire import (
     SECAGG_IDENTITY,
     SECAGG_WEIGHT_MAX,
+    WORK_BATCH_SIZE,
+    WORK_RANK,
     ContributorInfo,
     SecAggReply,
     SecAggRequest,
     TrainReport,
+    Work,
     secagg_action,
 )
 
@@ -71,6 +74,7 @@ META = "secagg-meta"  # ConfigRecord: the campaign seed (to reload a simulated i
 UPDATE = "secagg-update"  # ArrayRecord: the float vector to mask
 REPORT = "secagg-report"  # MetricRecord (TrainReport) + ConfigRecord (ContributorInfo) below: for masked_input
 WHO = "secagg-contributor"
+WORK_STATE = "secagg-work"  # ConfigRecord (Work): the rank and batch taken on, when less than assigned
 _SIM_IDENTITY_DOMAIN = b"fedtune/simulated-secagg-identity/v1\x00"
 
 
@@ -82,6 +86,7 @@ class LocalUpdateLike(Protocol):
     end: dict[str, np.ndarray]
     report: TrainReport
     who: ContributorInfo
+    work: Work | None
 
 
 Trainer = Callable[..., "LocalUpdateLike | Message"]
@@ -134,7 +139,7 @@ def secagg_policy(context: Context, cfg: CampaignConfig) -> SecAggPolicy:
 
 def _advertise(message: Message, context: Context, request: SecAggRequest, trainer: Trainer) -> Message:
     """Stage 1: check the parameters against this contributor's policy and make its keys, train (or decline), answer."""
-    for key in (STATE, META, UPDATE, REPORT, WHO):  # leftovers of an aborted round
+    for key in (STATE, META, UPDATE, REPORT, WHO, WORK_STATE):  # leftovers of an aborted round
         context.state.pop(key, None)
     msg, train = request.msg, request.train
     assert train is not None  # the advertise request always carries one (SecAggRequest.read)
@@ -169,6 +174,8 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
     context.state[UPDATE] = ArrayRecord({"x": Array(vector)})
     context.state[REPORT] = update.report.to_record()
     context.state[WHO] = update.who.to_record()
+    if update.work is not None:
+        context.state[WORK_STATE] = update.work.to_record()
     answer = SecAggReply({**reply, SECAGG_IDENTITY: identity_public_bytes(identity)}, contributor=update.who)
     return Message(content=answer.content(), reply_to=message)
 
@@ -183,10 +190,14 @@ def _continue(stage: str, message: Message, context: Context, request: dict[str,
     answer = SecAggReply(client.handle(request, vector))
     if stage == MASKED_INPUT:
         report, who = TrainReport.from_record(context.state[REPORT]), ContributorInfo.from_record(context.state[WHO])
-        answer = SecAggReply(answer.msg, contributor=who, report=report)
+        work = None
+        if WORK_STATE in context.state:
+            record = context.state[WORK_STATE]
+            work = Work(int(record[WORK_RANK]), int(record[WORK_BATCH_SIZE]))
+        answer = SecAggReply(answer.msg, contributor=who, report=report, work=work)
         del context.state[UPDATE]
     if stage == UNMASK:
-        for key in (STATE, META, REPORT, WHO):
+        for key in (STATE, META, REPORT, WHO, WORK_STATE):
             context.state.pop(key, None)
     else:
         context.state[STATE] = ConfigRecord(client.export_state())

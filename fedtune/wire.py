@@ -85,7 +85,7 @@ SECAGG_WEIGHT_MAX = "weight_max"  # advertise request: the largest example weigh
 SECAGG_ADVERTISE, SECAGG_MASKED_INPUT = "advertise", "masked_input"
 
 # the work a contributor chose to take on (its own rank and batch, at most the campaign's): see ``Work``
-WORK = "work"  # ConfigRecord in a plain train reply
+WORK = "work"  # ConfigRecord in a plain train reply or a SecAgg+ masked_input reply
 WORK_RANK, WORK_BATCH_SIZE = "rank", "batch-size"
 
 
@@ -382,17 +382,33 @@ class Work:
     @classmethod
     def read(cls, content: RecordDict, cfg: CampaignConfig, where: str = "train reply") -> Work | None:
         """The reply's work claim, or ``None`` when it has none; out of the campaign's bounds is a WireError."""
+        work = cls.parse(content, where)
+        if work is not None:
+            work.check(cfg, where)
+        return work
+
+    @classmethod
+    def parse(cls, content: RecordDict, where: str) -> Work | None:
+        """The claim as sent (well-formed, not yet bounded by a campaign), or ``None`` when there is none."""
         if WORK not in content:
             return None
         record = _part(content, WORK, ConfigRecord, where)
         at = f"{where}: {WORK}"
-        work = cls(_field(record, WORK_RANK, int, at), _field(record, WORK_BATCH_SIZE, int, at))
-        if not 1 <= work.rank <= cfg.lora.rank or not 1 <= work.batch_size <= cfg.federation.batch_size:
+        return cls(_field(record, WORK_RANK, int, at), _field(record, WORK_BATCH_SIZE, int, at))
+
+    def check(self, cfg: CampaignConfig, where: str = "train reply", num_examples: int | None = None) -> None:
+        """Raises :class:`WireError` unless the claim is within the campaign's rank and batch (and, given the
+        reported ``num_examples``, unless that is the claimed batch times the campaign's local steps)."""
+        if not 1 <= self.rank <= cfg.lora.rank or not 1 <= self.batch_size <= cfg.federation.batch_size:
             raise WireError(
-                f"{where}: {WORK}: rank {work.rank} / batch {work.batch_size} outside the campaign's "
+                f"{where}: {WORK}: rank {self.rank} / batch {self.batch_size} outside the campaign's "
                 f"1..{cfg.lora.rank} / 1..{cfg.federation.batch_size}"
             )
-        return work
+        steps = cfg.federation.local_steps
+        if num_examples is not None and num_examples != steps * self.batch_size:
+            raise WireError(
+                f"{where}: {WORK}: batch {self.batch_size} × {steps} steps, but {num_examples} examples reported"
+            )
 
 
 # -- SecAgg+ stages ----------------------------------------------------------------------------------
@@ -473,12 +489,15 @@ class SecAggReply:
     """A contributor's answer to one SecAgg+ stage.
 
     ``advertise`` replies also say who the contributor is (and carry its identity key in ``msg``);
-    ``masked_input`` replies also carry its :class:`TrainReport` (what it trained into the masked input).
+    ``masked_input`` replies also carry its :class:`TrainReport` (what it trained into the masked input) and,
+    when it took on less than the campaign assigns, its :class:`Work` claim (unbounded here: the round driver
+    checks it against the campaign).
     """
 
     msg: dict[str, Any]
     contributor: ContributorInfo | None = None
     report: TrainReport | None = None
+    work: Work | None = None
 
     @property
     def sender(self) -> int:
@@ -490,6 +509,8 @@ class SecAggReply:
             content[METRICS] = self.report.to_record()
         if self.contributor is not None:
             content[CONTRIBUTOR] = self.contributor.to_record()
+        if self.work is not None:
+            content[WORK] = self.work.to_record()
         return content
 
     @classmethod
@@ -502,7 +523,7 @@ class SecAggReply:
             return cls(msg, ContributorInfo.read(content, where))
         if stage == SECAGG_MASKED_INPUT:
             report = TrainReport.from_record(_part(content, METRICS, MetricRecord, where), f"{where}: {METRICS}")
-            return cls(msg, ContributorInfo.read(content, where), report)
+            return cls(msg, ContributorInfo.read(content, where), report, Work.parse(content, where))
         return cls(msg)
 
 

@@ -84,14 +84,10 @@ class PlainRound:
 
     def checked_work(self, content: RecordDict, reply: TrainReply, request: TrainRequest) -> Work | None:
         """The reply's work claim, checked against its report and its update (raises :class:`WireError`)."""
-        work = Work.read(content, self.cfg)
+        work = Work.parse(content, "train reply")
         if work is None:
             return None
-        steps = self.cfg.federation.local_steps
-        if reply.report.num_examples != steps * work.batch_size:
-            raise WireError(
-                f"work: batch {work.batch_size} × {steps} steps, but {reply.report.num_examples} examples reported"
-            )
+        work.check(self.cfg, "train reply", reply.report.num_examples)
         start, end = arrays_from_record(request.arrays), arrays_from_record(reply.arrays)
         for name, before in start.items():
             if "lora_B" in name and not np.array_equal(before[:, work.rank :], end[name][:, work.rank :]):

@@ -73,6 +73,7 @@ from fedtune.wire import (
     SecAggRequest,
     TrainReport,
     TrainRequest,
+    WireError,
     arrays_from_record,
     arrays_to_record,
     secagg_message_type,
@@ -220,6 +221,21 @@ class SecureRound:
         got = {m.metadata.src_node_id: fates.read(m, stage) for m in replies}
         return {node: reply for node, reply in got.items() if isinstance(reply, SecAggReply)}
 
+    def _claim_holds(self, stage: str, node: int, reply: SecAggReply, fates: NodeFates) -> bool:
+        """A masked input's work claim within the campaign, matching its reported examples; otherwise its sender
+        is out before the server takes its input (a dropout to the protocol).
+
+        Its rank cannot be checked against the masked update, but a claim only ever lowers the credit.
+        """
+        if reply.work is None or reply.report is None:
+            return True
+        try:
+            reply.work.check(self.cfg, f"secagg {stage} reply", reply.report.num_examples)
+        except WireError as exc:
+            fates.out(node, "failed", str(exc))
+            return False
+        return True
+
     def _receive(self, server: SecAggServer, stage: str, node: int, reply: SecAggReply, fates: NodeFates) -> bool:
         """Feed a reply to the protocol server; an invalid one puts its sender out of the round."""
         try:
@@ -292,12 +308,16 @@ class SecureRound:
             replies = self._exchange(
                 grid, server_round, stage, {u: SecAggRequest(r) for u, r in requests.items()}, fates, stage_s
             )
-            active = {u for u, reply in sorted(replies.items()) if self._receive(server, stage, u, reply, fates)}
+            active = {
+                u
+                for u, reply in sorted(replies.items())
+                if self._claim_holds(stage, u, reply, fates) and self._receive(server, stage, u, reply, fates)
+            }
             if stage == MASKED_INPUT:
                 for u in sorted(active):
                     reply = replies[u]
                     assert reply.report is not None and reply.contributor is not None  # required by the wire format
-                    fates.contributed(u, reply.report, reply.contributor)
+                    fates.contributed(u, reply.report, reply.contributor, reply.work)
                     reports[u] = reply.report
                     bytes_up += sum(v.nbytes for v in reply.msg.values() if isinstance(v, np.ndarray))
         return bytes_up, reports

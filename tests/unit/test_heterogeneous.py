@@ -182,6 +182,10 @@ def test_a_smaller_rank_starts_from_the_shared_adapter_truncated(plain: tuple) -
 def test_heterogeneous_ranks_under_secagg_upload_the_full_shape(tmp_path: Path) -> None:
     result, updates, ctx = run_round(campaign(secure=True), tmp_path, secure=True)
     assert result.applied and result.extra["survivors"] == 4
+    # the masked input carries each contributor's work claim, so credit follows it under SecAgg+ too
+    assert {NODES[o.node_id]: (o.work.rank, o.work.batch_size) for o in result.outcomes if o.work} == {
+        p: (RANKS[p], BATCHES[p]) for p in RANKS
+    }
     assert result.bytes_up == 4 * 4 * (sum(v.size for v in ctx["start"].values()) + 1)  # campaign shape, every one
     err = aggregate_error(result, updates, ctx)
     print(f"heterogeneous ranks under SecAgg+ (24-bit quantization): relative error {err:.2e}")
