@@ -5,8 +5,12 @@ dir, pins the chosen GPU and starts a Flower SuperNode (``flower-supernode``) th
 SuperLink over TLS and authenticates with the contributor's ECDSA P-384 key. It then shows each finished
 round (from ``STATE_DIR/rounds.jsonl``, written by the ClientApp) until Ctrl-C stops the SuperNode.
 
-Contributors run only code they installed: the SuperNode's ``flwr-clientapp`` is fedtune's guarded shim
-(:mod:`fedtune.deploy.bundle`), which refuses any bundle carrying code that differs from the installed fedtune.
+Contributors run only code they installed. By default the SuperNode runs with ``--isolation process`` and one
+resident worker (:mod:`fedtune.clients.worker`, started and restarted by this agent) serves every task in-process,
+checking each bundle with :func:`fedtune.deploy.bundle.verify_fab` first, and keeping the model loaded across
+rounds and SecAgg+ stages. Without it (``--no-resident-worker``) the SuperNode starts a ``flwr-clientapp`` per
+message, which is fedtune's guarded shim (:mod:`fedtune.deploy.bundle`); both refuse any bundle carrying code that
+differs from the installed fedtune. Torch's threads are pinned to ``--threads`` in either case.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -57,6 +62,8 @@ class JoinOptions:
     benchmark_s: float = 1.0
     enrol_wait_s: float = 300.0
     verbose: bool = False
+    threads: int = 0  # torch threads; 0: 4 on a GPU, else cores // 2 (fedtune.clients.worker.default_threads)
+    resident: bool = True  # one resident worker serves all tasks (SuperNode --isolation process)
 
 
 def _toml_str(value: str) -> str:
@@ -83,10 +90,16 @@ def node_config(opts: JoinOptions, keys: ContributorKeys, peak_flops: float, dev
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
+WORKER_SECRET = "worker.secret"
+"""In the state dir: the secret the SuperNode and the resident worker share (only the worker can claim tasks)."""
+
+
 def supernode_command(opts: JoinOptions, keys: ContributorKeys, config: str) -> list[str]:
     """``flower-supernode`` with TLS (or ``--insecure``), key authentication and this node's config."""
     exe = shutil.which("flower-supernode", path=venv_path()) or "flower-supernode"
     cmd = [exe, "--superlink", opts.coordinator, "--node-config", config, "--port", str(opts.port)]
+    if opts.resident:  # no ClientApp process per message: the resident worker claims the tasks
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(opts.state_dir / WORKER_SECRET)]
     if opts.insecure:  # Flower refuses key authentication without TLS (exit code 303)
         return [*cmd, "--insecure"]
     if opts.root_cert is not None:
@@ -102,7 +115,68 @@ def supernode_env(opts: JoinOptions, bin_dir: Path, device: str) -> dict[str, st
     env["CUDA_VISIBLE_DEVICES"] = str(opts.gpu) if device.startswith("cuda") else ""
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)  # the shim's ClientApps inherit it too
     return env
+
+
+def worker_command(opts: JoinOptions) -> list[str]:
+    """The resident worker (:mod:`fedtune.clients.worker`) serving this node's SuperNode on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "fedtune.clients.worker",
+        "--runtime-api-address",
+        f"127.0.0.1:{opts.port}",
+        "--state-dir",
+        str(opts.state_dir),
+        "--threads",
+        str(opts.threads),
+        "--auth-secret-file",
+        str(opts.state_dir / WORKER_SECRET),
+    ]
+
+
+class ResidentWorker:
+    """The worker process: started with the SuperNode, restarted if it dies (with a bounded back-off), stopped last."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, echo: bool, out: TextIO) -> None:
+        self.cmd, self.env, self.log_path, self.echo, self.out = cmd, env, log_path, echo, out
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pump: threading.Thread | None = None
+        self.starts = 0
+        self.next_start = 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec()
+        )
+        assert self.proc.stdout is not None
+        self.pump = threading.Thread(target=_pump, args=(self.proc.stdout, self.log_path, self.echo, []), daemon=True)
+        self.pump.start()
+        self.starts += 1
+
+    def check(self) -> None:
+        """Restart the worker if it exited (after 1, 2, 4 … 30 s)."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if not self.next_start:
+            delay = min(30.0, 2.0 ** min(self.starts - 1, 5))
+            print(
+                f"the worker exited with status {self.proc.returncode}; restarting it in {delay:.0f} s "
+                f"(see {self.log_path})",
+                file=self.out,
+                flush=True,
+            )
+            self.next_start = now + delay
+        elif now >= self.next_start:
+            self.next_start = 0.0
+            self.start()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if self.pump is not None:
+            self.pump.join(5)
 
 
 class _Tail:
@@ -160,6 +234,10 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
     hw = probe(opts.gpu)
     if opts.gpu is not None and not hw.device.startswith("cuda"):
         print(f"warning: GPU {opts.gpu} is not visible to torch; contributing on the CPU", file=sys.stderr)
+    if opts.threads <= 0:
+        from .worker import default_threads
+
+        opts.threads = default_threads(hw.device.startswith("cuda"))
     print(f"hardware: {hw.summary()}", file=out)
     bench = benchmark(hw.device, opts.benchmark_s)
     peak = bench.declared
@@ -184,16 +262,39 @@ def run_join(opts: JoinOptions, out: TextIO = sys.stdout) -> int:
     cmd = supernode_command(
         opts, keys, node_config(opts, keys, peak, "cuda:0" if hw.device.startswith("cuda") else "cpu")
     )
-    return _supervise(opts, cmd, env, out)
+    worker = None
+    if opts.resident:
+        secret = opts.state_dir / WORKER_SECRET
+        atomic_write_text(secret, secrets.token_hex(32))
+        secret.chmod(0o600)
+        worker = ResidentWorker(worker_command(opts), env, opts.state_dir / "worker.log", opts.verbose, out)
+    return _supervise(opts, cmd, env, out, worker)
 
 
-def _supervise(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO) -> int:
-    """Run the SuperNode, restart it while the coordinator has not (yet) accepted the key, show rounds."""
+def _supervise(
+    opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO, worker: ResidentWorker | None = None
+) -> int:
+    """Run the SuperNode (and the resident worker), restart it while the coordinator has not (yet) accepted the
+    key, show rounds."""
     with stop_requested() as stop:
-        return _supervise_until(opts, cmd, env, out, stop)
+        if worker is None:
+            return _supervise_until(opts, cmd, env, out, stop)
+        print(f"resident worker: {opts.threads} torch threads (log: {worker.log_path})", file=out)
+        worker.start()
+        try:
+            return _supervise_until(opts, cmd, env, out, stop, worker)
+        finally:
+            worker.stop()
 
 
-def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO, stop: threading.Event) -> int:
+def _supervise_until(
+    opts: JoinOptions,
+    cmd: list[str],
+    env: dict[str, str],
+    out: TextIO,
+    stop: threading.Event,
+    worker: ResidentWorker | None = None,
+) -> int:
     tail = _Tail(opts.state_dir / ROUNDS_FILE)
     log_path = opts.state_dir / "supernode.log"
     deadline = time.monotonic() + opts.enrol_wait_s
@@ -207,9 +308,13 @@ def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out
         while proc.poll() is None and not stop.is_set():
             for row in tail.rows():
                 print(contributor_round_line(row), file=out, flush=True)
+            if worker is not None:
+                worker.check()
             stop.wait(0.5)
         if stop.is_set():
             print("stopping the SuperNode…", file=out, flush=True)
+            if worker is not None:  # first, so that it can still report a task it was serving
+                worker.stop()
             stop_process(proc)
             pump.join(5)
             return 0

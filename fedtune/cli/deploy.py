@@ -86,6 +86,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         benchmark_s=args.benchmark_seconds,
         enrol_wait_s=args.enrol_wait,
         verbose=args.verbose,
+        threads=args.threads,
+        resident=args.resident_worker,
     )
     return run_join(opts)
 
@@ -185,6 +187,16 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=600.0,
         help="seconds to keep retrying while the coordinator has not approved the key (default 600)",
+    )
+    jo.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for training (default: 4 on a GPU, else half the CPU cores; one per contributor on a "
+        "shared host)",
+    )
+    jo.add_argument(  # --no-resident-worker: Flower's process per message, each guarded by the shim (benchmarks)
+        "--resident-worker", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS
     )
     jo.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
     jo.set_defaults(func=cmd_join)

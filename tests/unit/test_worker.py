@@ -1,0 +1,139 @@
+"""The resident worker (:mod:`fedtune.clients.worker`): the Flower internals it uses still have the shape it was
+written against (fails loudly on a flwr upgrade), and its task loop checks every bundle before running anything."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import json
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fedtune.clients.worker import FLWR_VERSION, Worker, flower_surface
+
+from ..bundles import fab, pyproject_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def params(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_flower_internals_have_the_expected_shape() -> None:
+    """If this fails after a flwr upgrade, re-read flwr/supernode/runtime/run_clientapp.py and adapt worker.py."""
+    assert importlib.metadata.version("flwr") == FLWR_VERSION
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("flwr") and d.endswith(f"=={FLWR_VERSION}") for d in deps), deps
+    f = flower_surface()
+    assert params(f["pull_task_input"]) == ["client"]
+    assert params(f["push_message"]) == ["client", "message", "context"]
+    assert params(f["push_task_output"]) == ["client", "context", "sub_status", "details"]
+    client = f["RuntimeHttpClient"]
+    for method in ("AcquireTask", "PullTaskInput", "PullMessages", "PushMessages", "PushTaskOutput",
+                   "SendTaskHeartbeat", "PullObject", "PushObject", "ConfirmMessageReceived"):  # fmt: skip
+        assert callable(getattr(client, method)), method
+    assert {"server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"} <= set(
+        params(client.from_server_address)
+    )
+    req = f["AcquireTaskRequest"](supported_task_types=["flwr-clientapp"], agentapp_fab_hashes=[])
+    assert list(req.supported_task_types) == ["flwr-clientapp"]
+    assert str(f["TaskType"].CLIENT_APP) == "flwr-clientapp"
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse
+
+    assert {"task", "token"} <= {fd.name for fd in AcquireTaskResponse.DESCRIPTOR.fields}
+    assert {"should_giveup", "max_tries", "max_time"} <= set(params(f["RetryInvoker"]))
+    assert "max_delay" in params(f["exponential"])
+    assert "master_secret" in params(f["SuperExecAuthHttpInterceptor"])
+    assert f["ErrorCode"].INVALID_FAB and f["ErrorCode"].CLIENT_APP_RAISED_EXCEPTION
+    assert f["SubStatus"].COMPLETED == "completed" and f["SubStatus"].FAILED == "failed"
+
+
+def test_supernode_has_process_isolation_and_superexec_auth() -> None:
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    args = _parse_args_run_supernode().parse_args(
+        ["--insecure", "--isolation", "process", "--superexec-auth-secret-file", "x", "--port", "9999"]
+    )
+    assert args.isolation == "process" and args.superexec_auth_secret_file == "x" and args.port == 9999
+
+
+class FakeClient:
+    def close(self) -> None:
+        pass
+
+    def SendTaskHeartbeat(self, _req: Any) -> Any:  # noqa: N802 (Flower's name)
+        return SimpleNamespace(success=True)
+
+
+def fake_worker(tmp_path: Path, bundle: bytes, handler: Any) -> tuple[Worker, list[tuple[str, Any]]]:
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 7, 1, 1  # what pull_task_input sets
+    worker = Worker("127.0.0.1:1", tmp_path, handler=handler)
+    worker._client = lambda token=None: FakeClient()  # type: ignore[method-assign]
+    calls: list[tuple[str, Any]] = []
+    message = Message(RecordDict(), dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    worker.f = {
+        **worker.f,
+        "pull_task_input": lambda _c: (message, context, None, SimpleNamespace(content=bundle)),
+        "push_message": lambda _c, reply, _ctx: calls.append(("reply", reply)),
+        "push_task_output": lambda client, context, sub_status, details: calls.append(("output", sub_status)),
+    }
+    return worker, calls
+
+
+def test_worker_refuses_a_foreign_bundle_before_running_anything(tmp_path: Path) -> None:
+    ran: list[int] = []
+    evil = fab({"pyproject.toml": pyproject_text("x:app").encode(), "fedtune/clients/app.py": b"print('evil')\n"})
+    worker, calls = fake_worker(tmp_path, evil, lambda message, context: ran.append(1))
+    worker.run_task(SimpleNamespace(task_id=7), "token")
+    assert not ran
+    (_, reply), (_, status) = calls
+    assert reply.has_error() and "differs from the installed fedtune" in reply.error.reason
+    assert status == "failed"
+    stats = json.loads((tmp_path / "worker.json").read_text())
+    assert stats["refused_bundles"] == 1 and stats["tasks"] == 1 and stats["failed"] == 1
+
+
+def test_worker_serves_tasks_in_process_and_checks_each_bundle_once(tmp_path: Path) -> None:
+    from flwr.app import Message, RecordDict
+
+    ran: list[int] = []
+
+    def handler(message: Message, context: Any) -> Message:
+        ran.append(1)
+        return Message(RecordDict(), reply_to=message)
+
+    ok = fab({"pyproject.toml": pyproject_text("x:app").encode()})
+    worker, calls = fake_worker(tmp_path, ok, handler)
+    for task_id in (1, 2):
+        worker.run_task(SimpleNamespace(task_id=task_id), "token")
+    assert len(ran) == 2 and len(worker._verified) == 1
+    assert [kind for kind, _ in calls] == ["reply", "output"] * 2
+    assert [v for kind, v in calls if kind == "output"] == ["completed", "completed"]
+    stats = json.loads((tmp_path / "worker.json").read_text())
+    assert stats["by_type"] == {"train": 2} and stats["serving"] is None
+
+
+def test_worker_reports_a_raising_clientapp(tmp_path: Path) -> None:
+    def handler(message: Any, context: Any) -> Any:
+        raise RuntimeError("boom")
+
+    worker, calls = fake_worker(tmp_path, fab({"pyproject.toml": pyproject_text("x:app").encode()}), handler)
+    worker.run_task(SimpleNamespace(task_id=1), "token")
+    (_, reply), (_, status) = calls
+    assert reply.has_error() and "boom" in reply.error.reason and status == "failed"
+
+
+@pytest.mark.parametrize("gpu,expected_min", [(True, 4), (False, 1)])
+def test_default_threads(gpu: bool, expected_min: int) -> None:
+    from fedtune.clients.worker import default_threads
+
+    assert default_threads(gpu) >= expected_min
