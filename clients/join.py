@@ -99,6 +99,8 @@ def supernode_command(opts: JoinOptions, keys: ContributorKeys, config: str) -> 
     exe = shutil.which("flower-supernode", path=venv_path()) or "flower-supernode"
     cmd = [exe, "--superlink", opts.coordinator, "--node-config", config, "--port", str(opts.port)]
     if opts.resident:  # no ClientApp process per message: the resident worker claims the tasks
+        # Flower's SuperNode, polling sooner after each message (fedtune.clients.worker.run_supernode)
+        cmd = [sys.executable, "-m", "fedtune.clients.worker", "supernode", *cmd[1:]]
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(opts.state_dir / WORKER_SECRET)]
     if opts.insecure:  # Flower refuses key authentication without TLS (exit code 303)
         return [*cmd, "--insecure"]

@@ -22,9 +22,10 @@ Threat
 
 Pitfalls
     - This is Flower-internal surface (the Runtime API client, ``pull_task_input``, ``push_message``,
-      ``push_task_output``): pyproject pins ``flwr`` to the version this was written against (:data:`FLWR_VERSION`),
-      and ``tests/unit/test_worker.py`` fails loudly if those functions change shape. Everything Flower-internal is
-      imported here and nowhere else.
+      ``push_task_output``; and the SuperNode loop's ``time`` and ``_push_messages``, which :func:`run_supernode`
+      replaces so that the SuperNode polls its SuperLink sooner after a message): pyproject pins ``flwr`` to the
+      version this was written against (:data:`FLWR_VERSION`), and ``tests/unit/test_worker.py`` fails loudly if
+      those change shape. Everything Flower-internal that a contributor runs is imported here and nowhere else.
     - Flower keeps the current task's identity in a process-global (``TaskIdentity``, which ``Message`` reads);
       ``pull_task_input`` sets it anew for each task, so it must stay the first call of a task.
     - One task at a time: the SuperNode hands out one message per run at a time and waits for its reply.
@@ -377,8 +378,66 @@ class Worker:
             self.write_stats()
 
 
+# -- the SuperNode's own polling ----------------------------------------------------------------------------------
+
+
+class SuperNodeClock:
+    """Stands in for the ``time`` module of ``flwr.supernode.start_client_internal`` (the SuperNode's main loop).
+
+    Flower's SuperNode sleeps 3 s whenever the SuperLink has no message for it and 0.5 s between checks for the
+    local reply: with six SecAgg+ stages a round that is seconds of waiting per round. Here an idle SuperNode polls
+    ``low`` s after its last message, backing off ×``growth`` to Flower's 3 s (the SuperLink's load stays what Flower
+    planned once a node is idle), and checks for the local reply every ``local`` s (a local lookup, cheap).
+    """
+
+    def __init__(self, low: float = 0.1, high: float = 3.0, growth: float = 1.5, local: float = 0.05) -> None:
+        self.low, self.high, self.growth, self.local = low, high, growth, local
+        self.idle = low
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def reset(self) -> None:
+        self.idle = self.low
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= 1.0:  # Flower's idle wait: nothing from the SuperLink
+            wait, self.idle = self.idle, min(self.high, self.idle * self.growth)
+            time.sleep(min(wait, seconds))
+        else:  # waiting for the reply of the task in progress
+            self.reset()
+            time.sleep(min(seconds, self.local))
+
+
+def run_supernode(argv: list[str], clock: SuperNodeClock | None = None) -> None:
+    """``flower-supernode ARGV`` with :class:`SuperNodeClock` polling (Flower's polling if its loop changed shape)."""
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    clock = clock or SuperNodeClock()
+    if isinstance(getattr(loop, "time", None), type(time)) and callable(getattr(loop, "_push_messages", None)):
+        push = loop._push_messages
+
+        def push_then_poll_soon(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return push(*args, **kwargs)
+            finally:
+                clock.reset()
+
+        loop.time = clock  # type: ignore[assignment]
+        loop._push_messages = push_then_poll_soon
+    else:
+        print("fedtune: this flwr's SuperNode loop changed shape; keeping its own polling", file=sys.stderr)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedtune.clients.worker --runtime-api-address 127.0.0.1:PORT --state-dir DIR [--threads N]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["supernode"]:  # ``python -m fedtune.clients.worker supernode FLOWER-SUPERNODE-ARGS``
+        run_supernode(argv[1:])
+        return 0
     p = argparse.ArgumentParser(prog="fedtune-worker", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT (loopback)")
     p.add_argument("--state-dir", required=True, type=Path)
@@ -395,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per poll
     threads = args.threads if args.threads > 0 else default_threads(args.gpu)
     pin_threads(threads)
     secret = args.auth_secret_file.read_bytes() if args.auth_secret_file else None

@@ -137,3 +137,29 @@ def test_default_threads(gpu: bool, expected_min: int) -> None:
     from fedtune.clients.worker import default_threads
 
     assert default_threads(gpu) >= expected_min
+
+
+def test_supernode_loop_still_has_what_the_polling_clock_replaces() -> None:
+    import time as time_module
+
+    import flwr.supernode.start_client_internal as loop
+
+    assert loop.time is time_module and callable(loop._push_messages)
+    source = inspect.getsource(loop.start_client_internal)
+    assert "time.sleep(3)" in source and "_push_messages(" in source  # the idle wait the clock shortens
+
+
+def test_supernode_clock_polls_soon_after_a_message_and_backs_off_to_flowers_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedtune.clients import worker
+
+    slept: list[float] = []
+    monkeypatch.setattr(worker.time, "sleep", slept.append)
+    clock = worker.SuperNodeClock(low=0.1, high=3.0, growth=2.0, local=0.05)
+    for _ in range(7):
+        clock.sleep(3)
+    clock.sleep(0.5)  # waiting for a reply: a message came
+    clock.sleep(3)
+    assert slept == [0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.05, 0.1]
+    assert clock.monotonic  # everything else is the time module's
