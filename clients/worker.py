@@ -38,6 +38,7 @@ Pitfalls
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import logging
@@ -229,6 +230,7 @@ class Worker:
         return self._handler
 
     def _client(self, token: str | None = None) -> Any:
+        """A Runtime API client: the claimer's (no token: one try, the loop backs off) or a task's (its token)."""
         f = self.f
         interceptors: list[Any] = [f["RuntimeVersionHttpInterceptor"](component_name="flwr-clientapp")]
         if token is not None:
@@ -239,15 +241,14 @@ class Worker:
                     master_secret=self.auth_secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
                 )
             )
-        # claiming: one try (the loop backs off); a task's calls: retried for up to a minute
-        self.retry = retry_invoker(f, 1, None) if token is None else retry_invoker(f, None, 60.0)
-        return f["RuntimeHttpClient"].from_server_address(
+        client = f["RuntimeHttpClient"].from_server_address(
             server_address=self.address,
             insecure=True,  # loopback only: join binds the SuperNode's Runtime API to 127.0.0.1
             root_certificates=None,
             interceptors=interceptors,
-            retry_invoker=self.retry,
+            retry_invoker=retry_invoker(f, 1, None) if token is None else retry_invoker(f, None, 60.0),
         )
+        return client
 
     def write_stats(self) -> None:
         target = self.state_dir / WORKER_FILE
@@ -279,13 +280,16 @@ class Worker:
 
     def serve(self, max_tasks: int | None = None, idle_exit_s: float | None = None) -> int:
         """Serve tasks until stopped (or ``max_tasks`` served, or idle ``idle_exit_s``); the number served."""
-        served, idle_since = 0, time.monotonic()
+        served, idle_since, failures = 0, time.monotonic(), 0
         self.write_stats()
         while not self.stop.is_set():
             try:
                 claimed = self.acquire()
+                failures = 0
             except Exception as exc:  # the SuperNode is starting or restarting: keep polling, bounded
-                log.debug("AcquireTask failed: %s", exc)
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("cannot claim tasks from the SuperNode (%d tries): %s", failures, exc)
                 claimed = None
                 self.stop.wait(self.poll.high)
             if claimed is None:
@@ -308,22 +312,28 @@ class Worker:
 
     def _heartbeat(self, client: Any, done: threading.Event) -> None:
         req = self.f["SendTaskHeartbeatRequest"]()
-        while not done.wait(HEARTBEAT_INTERVAL_S):
-            try:
-                if not client.SendTaskHeartbeat(req).success:
-                    log.warning("the SuperNode no longer accepts this task's heartbeat (it expired)")
-                    return
-            except Exception as exc:
-                log.warning("task heartbeat failed: %s", exc)
+        try:
+            while not done.wait(HEARTBEAT_INTERVAL_S):
+                try:
+                    if not client.SendTaskHeartbeat(req).success:
+                        log.warning("the SuperNode no longer accepts this task's heartbeat (it expired)")
+                        return
+                except Exception as exc:
+                    log.warning("task heartbeat failed: %s", exc)
+        finally:
+            client.close()
 
     def run_task(self, task: Any, token: str) -> None:
         """One task: pull, check the bundle, run the ClientApp, push reply and context (Flower's runner, in-process)."""
         f = self.f
         from fedtune.deploy.bundle import BundleRefused, verify_fab
 
+        log.info("claimed task %d", task.task_id)
         client = self._client(token)
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(client, done), daemon=True, name="task-heartbeat")
+        beat = threading.Thread(  # its own client: never shares a connection the task is using or closing
+            target=self._heartbeat, args=(self._client(token), done), daemon=True, name="task-heartbeat"
+        )
         message = context = reply = None
         sub_status, details = f["SubStatus"].FAILED, "ClientApp task failed due to unknown reason"
         start = time.perf_counter()
@@ -351,7 +361,8 @@ class Worker:
             self.stats.by_type[kind] += 1
         except WorkerStopped:
             details = "the contributor's worker was stopped"
-            self.retry.max_tries = 1  # as Flower's runner does on exit: report once, do not hang
+            if (retry := getattr(client, "_retry_invoker", None)) is not None:
+                retry.max_tries = 1  # as Flower's runner does on exit: report once, do not hang
             raise
         except Exception as exc:
             log.exception("the ClientApp raised")
@@ -455,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # a line per poll
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: every thread's stack to the log
     threads = args.threads if args.threads > 0 else default_threads(args.gpu)
     pin_threads(threads)
     secret = args.auth_secret_file.read_bytes() if args.auth_secret_file else None
