@@ -53,6 +53,19 @@ def test_flower_internals_have_the_expected_shape() -> None:
     assert f["SubStatus"].COMPLETED == "completed" and f["SubStatus"].FAILED == "failed"
 
 
+def test_object_pulls_of_a_task_are_tuned_in_process() -> None:
+    import flwr.supernode.runtime.run_clientapp as runner
+
+    from fedtune.clients.worker import OBJECT_PULL, tune_object_pulls
+
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(runner.pull_task_input)
+    tune_object_pulls()
+    tune_object_pulls()  # idempotent
+    pull = runner.pull_and_inflate_object_from_tree
+    assert pull.keywords == OBJECT_PULL and not hasattr(pull.func, "keywords")
+    assert set(OBJECT_PULL) <= set(params(pull.func))
+
+
 def test_supernode_has_process_isolation_and_superexec_auth() -> None:
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
