@@ -118,21 +118,30 @@ def flower_surface() -> dict[str, Any]:
     }
 
 
-OBJECT_PULL = {"initial_backoff": 0.02, "backoff_cap": 0.5, "max_time": 300.0}
+OBJECT_PULL = {"initial_backoff": 0.02, "backoff_cap": 0.5, "max_time": 90.0}
 """How a task pulls its message's objects from the SuperNode. Flower waits 1 s, then 2, 4 … 10 s, for up to 2 h:
 right for a process started after the SuperNode stored the message, but a resident worker claims a task the moment
-it exists, while the SuperNode is still fetching the objects (seen: 1–3 s lost per message, six SecAgg+ stages)."""
+it exists, while the SuperNode is still fetching the objects (seen: 1–7 s lost per message, six SecAgg+ stages).
+And it must give up sooner: when a run stops while the SuperNode fetches one of its messages, Flower 1.42 leaves
+that task pending with objects that never arrive (``RunNotRunningException`` is a ``BaseException`` and skips the
+SuperNode's clean-up); a process per task just hangs for 2 h, but the one resident worker would block every later
+task (seen: a coordinator restart, the next round's message never served). 90 s: a message whose objects take
+longer to reach the SuperNode (a very large adapter on a slow link) fails; ``--object-wait`` raises it."""
 
 
-def tune_object_pulls() -> None:
-    """Make Flower's ``pull_task_input`` (in this process) retry unavailable objects every 20 ms … 0.5 s."""
+def tune_object_pulls(max_time_s: float | None = None) -> None:
+    """Make Flower's ``pull_task_input`` (in this process) retry unavailable objects every 20 ms … 0.5 s, for at
+    most ``max_time_s`` (default :data:`OBJECT_PULL`)."""
     import functools
 
     import flwr.supernode.runtime.run_clientapp as runner
 
     pull = runner.pull_and_inflate_object_from_tree
-    if not getattr(pull, "fedtune_tuned", False):
-        tuned = functools.partial(pull, **OBJECT_PULL)
+    if getattr(pull, "fedtune_tuned", False):
+        pull = pull.func
+    if max_time_s is not None or not getattr(runner.pull_and_inflate_object_from_tree, "fedtune_tuned", False):
+        options = {**OBJECT_PULL, **({"max_time": float(max_time_s)} if max_time_s is not None else {})}
+        tuned = functools.partial(pull, **options)
         tuned.fedtune_tuned = True  # type: ignore[attr-defined]
         runner.pull_and_inflate_object_from_tree = tuned
 
@@ -478,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth-secret-file", type=Path, help="shared secret for the SuperNode's AcquireTask")
     p.add_argument("--poll-min", type=float, default=0.05)
     p.add_argument("--poll-max", type=float, default=0.5)
+    p.add_argument(
+        "--object-wait", type=float, default=OBJECT_PULL["max_time"], help="seconds a task waits for its message"
+    )
     p.add_argument("--idle-exit", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -494,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = args.state_dir.expanduser().resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(args.runtime_api_address, state_dir, secret, Poll(args.poll_min, args.poll_max))
+    tune_object_pulls(args.object_wait)
     worker.stats.threads = threads
     worker.install_signal_handlers()
     start = time.perf_counter()

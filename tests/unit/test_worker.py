@@ -63,6 +63,11 @@ def test_object_pulls_of_a_task_are_tuned_in_process() -> None:
     tune_object_pulls()  # idempotent
     pull = runner.pull_and_inflate_object_from_tree
     assert pull.keywords == OBJECT_PULL and not hasattr(pull.func, "keywords")
+    tune_object_pulls(30.0)
+    pull = runner.pull_and_inflate_object_from_tree
+    assert pull.keywords == {**OBJECT_PULL, "max_time": 30.0} and not hasattr(pull.func, "keywords")
+    tune_object_pulls()  # what the worker's __init__ does after main() set it: keeps main()'s
+    assert runner.pull_and_inflate_object_from_tree.keywords["max_time"] == 30.0
     assert set(OBJECT_PULL) <= set(params(pull.func))
 
 
