@@ -181,3 +181,44 @@ def test_supernode_clock_polls_soon_after_a_message_and_backs_off_to_flowers_int
     clock.sleep(3)
     assert slept == [0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.05, 0.1]
     assert clock.monotonic  # everything else is the time module's
+
+
+def test_join_runs_the_supernode_for_the_resident_worker(tmp_path: Path) -> None:
+    import sys
+
+    from fedtune.clients.join import JoinOptions, supernode_command, supernode_env, worker_command
+    from fedtune.deploy.keys import ensure_keys
+
+    keys = ensure_keys(tmp_path, "c")
+    opts = JoinOptions(coordinator="127.0.0.1:9092", state_dir=tmp_path, port=9555, threads=2, insecure=True)
+    cmd = supernode_command(opts, keys, "x=1")
+    assert cmd[:4] == [sys.executable, "-m", "fedtune.clients.worker", "supernode"]
+    assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--port") + 1] == "9555"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "worker.secret")
+    wcmd = worker_command(opts)
+    assert wcmd[wcmd.index("--runtime-api-address") + 1] == "127.0.0.1:9555"
+    assert wcmd[wcmd.index("--threads") + 1] == "2"
+    env = supernode_env(opts, tmp_path / "bin", "cpu")
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
+    opts.resident = False  # Flower's process per message, each the guarded shim: as before
+    plain = supernode_command(opts, keys, "x=1")
+    assert plain[0].endswith("flower-supernode") and "--isolation" not in plain
+
+
+def test_resident_worker_is_restarted_when_it_dies(tmp_path: Path) -> None:
+    import io
+    import sys
+    import time
+
+    from fedtune.clients.join import ResidentWorker
+
+    out = io.StringIO()
+    worker = ResidentWorker([sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path / "w.log", False, out)
+    worker.start()
+    assert worker.proc is not None and worker.proc.wait(30) == 3
+    worker.check()  # schedules the restart (1 s after the first exit)
+    assert "exited with status 3" in out.getvalue() and worker.starts == 1
+    time.sleep(1.1)
+    worker.check()
+    assert worker.starts == 2
+    worker.stop()
