@@ -163,6 +163,10 @@ def test_supernode_loop_still_has_what_the_polling_clock_replaces() -> None:
     import flwr.supernode.start_client_internal as loop
 
     assert loop.time is time_module and callable(loop._push_messages)
+    from fedtune.clients.worker import SUPERLINK_OBJECT_PULL
+
+    assert set(SUPERLINK_OBJECT_PULL) <= set(params(loop.pull_objects))
+    assert "pull_objects(" in inspect.getsource(loop._pull_and_store_message)
     source = inspect.getsource(loop.start_client_internal)
     assert "time.sleep(3)" in source and "_push_messages(" in source  # the idle wait the clock shortens
 
