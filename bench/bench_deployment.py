@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="also the process-per-message deployment")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per campaign")
     parser.add_argument("--out")
+    parser.add_argument(
+        "--simulated-json", help="reuse the simulated figures of an earlier --out instead of simulating again"
+    )
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
@@ -220,7 +223,10 @@ def main() -> None:
         n, r, s = args.contributors, args.rounds, args.steps
         plain = campaign(root, "bench-plain", n, r, s, secagg=False)
         secure = campaign(root, "bench-secagg", n, r, s, secagg=True)
-        results["simulated"] = run_simulated(root, plain, args.timeout)
+        if args.simulated_json:
+            results["simulated"] = json.loads(Path(args.simulated_json).read_text())["results"]["simulated"]
+        else:
+            results["simulated"] = run_simulated(root, plain, args.timeout)
         print(json.dumps(results["simulated"]), flush=True)
         results["deployed"] = run_deployed(root, "deployed", plain, n, args.timeout)
         print(json.dumps(results["deployed"]), flush=True)
