@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="also the process-per-message deployment")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per campaign")
     parser.add_argument("--out")
+    parser.add_argument("--secagg-only", action="store_true", help="only the deployed SecAgg+ run")
     parser.add_argument(
         "--simulated-json", help="reuse the simulated figures of an earlier --out instead of simulating again"
     )
@@ -228,6 +229,9 @@ def main() -> None:
         else:
             results["simulated"] = run_simulated(root, plain, args.timeout)
         print(json.dumps(results["simulated"]), flush=True)
+        if args.secagg_only:
+            print(json.dumps(run_deployed(root, "deployed-secagg", secure, n, args.timeout)), flush=True)
+            return
         results["deployed"] = run_deployed(root, "deployed", plain, n, args.timeout)
         print(json.dumps(results["deployed"]), flush=True)
         results["deployed-secagg"] = run_deployed(root, "deployed-secagg", secure, n, args.timeout)
