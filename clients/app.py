@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ from .policy import (
 )
 from .secagg_client import Trainer, register_secagg_handlers
 from .trainer import Randomness, train_local
-from .workspace import open_workspace
+from .workspace import CACHE, open_workspace
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
@@ -105,14 +106,18 @@ def contributor_info(cfg: CampaignConfig, context: Context) -> ContributorInfo:
 
 
 def record_round(context: Context, row: dict) -> None:
-    """Append this contributor's round to ``STATE_DIR/rounds.jsonl`` (its own log, never sent; ``join`` prints it)."""
+    """Append this contributor's round to ``STATE_DIR/rounds.jsonl`` (its own log, never sent; ``join`` prints it).
+
+    Each row also says which process served it and how many models that process has built so far
+    (``pid``, ``model_loads``: a resident worker builds one per campaign)."""
     try:
         state = contributor_state_dir(context)
     except PolicyError:
         return  # declined before it was known where this contributor keeps its state
     state.mkdir(parents=True, exist_ok=True)
     with (state / "rounds.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({**row, "time": time.time()}, sort_keys=True) + "\n")
+        meta = {"pid": os.getpid(), "model_loads": int(CACHE.counts["build_model"]), "time": time.time()}
+        fh.write(json.dumps({**row, **meta}, sort_keys=True) + "\n")
 
 
 def decline(

@@ -5,8 +5,12 @@ dir, pins the chosen GPU and starts a Flower SuperNode (``flower-supernode``) th
 SuperLink over TLS and authenticates with the contributor's ECDSA P-384 key. It then shows each finished
 round (from ``STATE_DIR/rounds.jsonl``, written by the ClientApp) until Ctrl-C stops the SuperNode.
 
-Contributors run only code they installed: the SuperNode's ``flwr-clientapp`` is fedtune's guarded shim
-(:mod:`fedtune.deploy.bundle`), which refuses any bundle carrying code that differs from the installed fedtune.
+Contributors run only code they installed. By default the SuperNode runs with ``--isolation process`` and one
+resident worker (:mod:`fedtune.clients.worker`, started and restarted by this agent) serves every task in-process,
+checking each bundle with :func:`fedtune.deploy.bundle.verify_fab` first, and keeping the model loaded across
+rounds and SecAgg+ stages. Without it (``--no-resident-worker``) the SuperNode starts a ``flwr-clientapp`` per
+message, which is fedtune's guarded shim (:mod:`fedtune.deploy.bundle`); both refuse any bundle carrying code that
+differs from the installed fedtune. Torch's threads are pinned to ``--threads`` in either case.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -68,6 +73,8 @@ class JoinOptions:
     batch_size: int | None = None
     micro_batch: int | None = None
     verbose: bool = False
+    threads: int = 0  # torch threads; 0: 4 on a GPU, else cores // 2 (fedtune.clients.worker.default_threads)
+    resident: bool = True  # one resident worker serves all tasks (SuperNode --isolation process)
 
 
 def _toml_str(value: str) -> str:
@@ -96,10 +103,18 @@ def node_config(opts: JoinOptions, keys: ContributorKeys, peak_flops: float, dev
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
+WORKER_SECRET = "worker.secret"
+"""In the state dir: the secret the SuperNode and the resident worker share (only the worker can claim tasks)."""
+
+
 def supernode_command(opts: JoinOptions, keys: ContributorKeys, config: str) -> list[str]:
     """``flower-supernode`` with TLS (or ``--insecure``), key authentication and this node's config."""
     exe = shutil.which("flower-supernode", path=venv_path()) or "flower-supernode"
     cmd = [exe, "--superlink", opts.coordinator, "--node-config", config, "--port", str(opts.port)]
+    if opts.resident:  # no ClientApp process per message: the resident worker claims the tasks
+        # Flower's SuperNode, polling sooner after each message (fedtune.clients.worker.run_supernode)
+        cmd = [sys.executable, "-m", "fedtune.clients.worker", "supernode", *cmd[1:]]
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(opts.state_dir / WORKER_SECRET)]
     if opts.insecure:  # Flower refuses key authentication without TLS (exit code 303)
         return [*cmd, "--insecure"]
     if opts.root_cert is not None:
@@ -116,7 +131,68 @@ def supernode_env(opts: JoinOptions, bin_dir: Path, device: str) -> dict[str, st
     env["CUDA_VISIBLE_DEVICES"] = visible_devices(opts.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")) if cuda else ""
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)  # the shim's ClientApps inherit it too
     return env
+
+
+def worker_command(opts: JoinOptions) -> list[str]:
+    """The resident worker (:mod:`fedtune.clients.worker`) serving this node's SuperNode on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "fedtune.clients.worker",
+        "--runtime-api-address",
+        f"127.0.0.1:{opts.port}",
+        "--state-dir",
+        str(opts.state_dir),
+        "--threads",
+        str(opts.threads),
+        "--auth-secret-file",
+        str(opts.state_dir / WORKER_SECRET),
+    ]
+
+
+class ResidentWorker:
+    """The worker process: started with the SuperNode, restarted if it dies (with a bounded back-off), stopped last."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, echo: bool, out: TextIO) -> None:
+        self.cmd, self.env, self.log_path, self.echo, self.out = cmd, env, log_path, echo, out
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pump: threading.Thread | None = None
+        self.starts = 0
+        self.next_start = 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec()
+        )
+        assert self.proc.stdout is not None
+        self.pump = threading.Thread(target=_pump, args=(self.proc.stdout, self.log_path, self.echo, []), daemon=True)
+        self.pump.start()
+        self.starts += 1
+
+    def check(self) -> None:
+        """Restart the worker if it exited (after 1, 2, 4 … 30 s)."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if not self.next_start:
+            delay = min(30.0, 2.0 ** min(self.starts - 1, 5))
+            print(
+                f"the worker exited with status {self.proc.returncode}; restarting it in {delay:.0f} s "
+                f"(see {self.log_path})",
+                file=self.out,
+                flush=True,
+            )
+            self.next_start = now + delay
+        elif now >= self.next_start:
+            self.next_start = 0.0
+            self.start()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if self.pump is not None:
+            self.pump.join(5)
 
 
 class _Tail:
@@ -188,6 +264,10 @@ def _start(opts: JoinOptions, plan: DevicePlan, out: TextIO) -> int:
     from .hardware import benchmark, probe
 
     hw = probe(plan.probe_gpu)
+    if opts.threads <= 0:
+        from .worker import default_threads
+
+        opts.threads = default_threads(plan.node_device.startswith("cuda"))
     print(f"hardware: {hw.summary()}", file=out)
     bench = benchmark(hw.device, opts.benchmark_s)
     peak = bench.declared
@@ -210,16 +290,39 @@ def _start(opts: JoinOptions, plan: DevicePlan, out: TextIO) -> int:
         print("error: could not put fedtune's guarded flwr-clientapp first on the SuperNode's PATH", file=sys.stderr)
         return EXIT_SUPERNODE_FAILED
     cmd = supernode_command(opts, keys, node_config(opts, keys, peak, plan.node_device))
-    return _supervise(opts, cmd, env, out)
+    worker = None
+    if opts.resident:
+        secret = opts.state_dir / WORKER_SECRET
+        atomic_write_text(secret, secrets.token_hex(32))
+        secret.chmod(0o600)
+        worker = ResidentWorker(worker_command(opts), env, opts.state_dir / "worker.log", opts.verbose, out)
+    return _supervise(opts, cmd, env, out, worker)
 
 
-def _supervise(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO) -> int:
-    """Run the SuperNode, restart it while the coordinator has not (yet) accepted the key, show rounds."""
+def _supervise(
+    opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO, worker: ResidentWorker | None = None
+) -> int:
+    """Run the SuperNode (and the resident worker), restart it while the coordinator has not (yet) accepted the
+    key, show rounds."""
     with stop_requested() as stop:
-        return _supervise_until(opts, cmd, env, out, stop)
+        if worker is None:
+            return _supervise_until(opts, cmd, env, out, stop)
+        print(f"resident worker: {opts.threads} torch threads (log: {worker.log_path})", file=out)
+        worker.start()
+        try:
+            return _supervise_until(opts, cmd, env, out, stop, worker)
+        finally:
+            worker.stop()
 
 
-def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out: TextIO, stop: threading.Event) -> int:
+def _supervise_until(
+    opts: JoinOptions,
+    cmd: list[str],
+    env: dict[str, str],
+    out: TextIO,
+    stop: threading.Event,
+    worker: ResidentWorker | None = None,
+) -> int:
     tail = _Tail(opts.state_dir / ROUNDS_FILE)
     log_path = opts.state_dir / "supernode.log"
     deadline = time.monotonic() + opts.enrol_wait_s
@@ -237,9 +340,11 @@ def _supervise_until(opts: JoinOptions, cmd: list[str], env: dict[str, str], out
             if (code := _unreachable(watch, proc, out)) is not None:
                 pump.join(5)
                 return code
+            if worker is not None:
+                worker.check()
             stop.wait(0.5)
         if stop.is_set():
-            return _interrupted(proc, pump, out)
+            return _interrupted(proc, pump, out, worker)
         pump.join(5)
         for row in tail.rows():
             print(contributor_round_line(row), file=out, flush=True)
@@ -275,9 +380,13 @@ def _unreachable(watch: ConnectWatch, proc: subprocess.Popen[bytes], out: TextIO
     return EXIT_UNREACHABLE
 
 
-def _interrupted(proc: subprocess.Popen[bytes], pump: threading.Thread, out: TextIO) -> int:
+def _interrupted(
+    proc: subprocess.Popen[bytes], pump: threading.Thread, out: TextIO, worker: ResidentWorker | None = None
+) -> int:
     """Ctrl-C (or SIGTERM): stop the SuperNode and everything it started, say so, exit status 130."""
     print("stopping the SuperNode…", file=out, flush=True)
+    if worker is not None:  # first, so that it can still report a task it was serving
+        worker.stop()
     stop_process(proc)
     pump.join(5)
     print(INTERRUPTED, file=sys.stderr, flush=True)

@@ -184,6 +184,8 @@ def check_join(opts: Any, cuda_count: Callable[[], int] = cuda_device_count) -> 
     ):
         if (problem := check_positive(flag, value)) is not None:
             return problem
+    if opts.threads < 0:
+        return f"--threads: expected a positive integer (or no --threads for the default), found {opts.threads}"
     if not 1 <= opts.port <= 65535:
         return f"--port: expected a port in 1-65535, found {opts.port}"
     if not opts.connect_timeout_s > 0:

@@ -114,6 +114,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         micro_batch=args.micro_batch,
         verbose=args.verbose,
+        threads=args.threads,
+        resident=args.resident_worker,
     )
     from fedtune.cli.interrupt import become_subreaper, stop_descendants
 
@@ -237,6 +239,16 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     work.add_argument("--max-rank", type=int, help="largest LoRA rank to train (FFA campaigns aggregate it exactly)")
     work.add_argument("--batch-size", type=int, help="largest batch to train with")
     work.add_argument("--micro-batch", type=int, help="split each batch into micro-batches of this size (less memory)")
+    work.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for training (default: 4 on a GPU, else half the CPU cores; one per contributor on a "
+        "shared host)",
+    )
+    jo.add_argument(  # --no-resident-worker: Flower's process per message, each guarded by the shim (benchmarks)
+        "--resident-worker", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS
+    )
     jo.add_argument("--verbose", action="store_true", help="show the SuperNode's log")
     jo.set_defaults(func=cmd_join)
 

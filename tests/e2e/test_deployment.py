@@ -85,6 +85,28 @@ def clientapps_in_group(pgid: int) -> list[int]:
     return out
 
 
+def worker_stats(c: Contributor) -> dict[str, Any]:
+    """The contributor's resident worker's ``worker.json`` (:mod:`fedtune.clients.worker`), or ``{}``."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((c.state_dir / "worker.json").read_text())
+    return {}
+
+
+def contributor_rounds(c: Contributor) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (c.state_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_one_resident_process(c: Contributor, stages: tuple[str, ...] = ("train",), rounds: int = 2) -> None:
+    """Every round of ``c`` was served by one process that built the model once, and so was every stage."""
+    rows = [r for r in contributor_rounds(c) if not r.get("declined")]
+    stats = worker_stats(c)
+    assert len(rows) >= rounds and {r["pid"] for r in rows} == {stats["pid"]}, (rows, stats)
+    assert {r["model_loads"] for r in rows} == {1} and stats["model_loads"] == 1, (rows, stats)
+    for stage in stages:
+        assert stats["by_type"].get(stage, 0) >= rounds, (stage, stats)
+    assert stats["refused_bundles"] == 0
+
+
 def _env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
@@ -264,12 +286,10 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     round1 = fed.row(1)
     assert round1 is not None and round1["participants"] == 3 and round1["applied"]
     assert victim.proc is not None
-    # process start times derived from btime drift on VMs: a pid unseen after round 1 is the round-2 ClientApp
-    seen = set(clientapps_in_group(victim.proc.pid))
-    wait_for(
-        lambda: set(clientapps_in_group(victim.proc.pid)) - seen, 120, "the victim's round-2 ClientApp", interval_s=0.05
-    )
-    os.killpg(victim.proc.pid, signal.SIGKILL)  # the join agent, its SuperNode and the running ClientApp
+    # the resident worker says which task it is serving: after round 1, any task in progress is round 2's
+    wait_for(lambda: worker_stats(victim).get("serving"), 120, "the victim's round-2 task", interval_s=0.05)
+    assert not clientapps_in_group(victim.proc.pid)  # no flwr-clientapp process per message
+    os.killpg(victim.proc.pid, signal.SIGKILL)  # the join agent, its SuperNode and the worker mid-training
     row2 = wait_for(lambda: fed.row(2), ROUND_TIMEOUT_S + 60, "round 2 in metrics.jsonl")
     assert row2["applied"] and row2["participants"] == 2 and row2["failed"] == 1, row2
     assert fed.coordinator is not None
@@ -279,14 +299,17 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     assert (fed.run_dir / "adapter").is_dir()
     survivors = [c for c in fed.contributors if c is not victim]
     for c in survivors:
-        rows = [json.loads(line) for line in (c.state_dir / "rounds.jsonl").read_text().splitlines()]
+        rows = contributor_rounds(c)
         assert {r["round"] for r in rows} >= {1, 2}
         assert "round 2:" in c.output()
-    for c in survivors:  # Ctrl-C stops a contributor cleanly
+        assert_one_resident_process(c)  # the model was built once per contributor process, not once a round
+    for c in survivors:  # Ctrl-C stops a contributor cleanly, worker included
         assert c.proc is not None
+        worker_pid = worker_stats(c)["pid"]
         os.kill(c.proc.pid, signal.SIGINT)
         assert c.proc.wait(60) == 130, c.output()
         assert "stopping the SuperNode" in c.output() and "interrupted: the SuperNode is stopped" in c.output()
+        assert not Path(f"/proc/{worker_pid}").exists(), "the resident worker outlived its join agent"
 
 
 def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) -> None:
@@ -334,6 +357,12 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
     for c in fed.contributors:
         privacy = json.loads((c.state_dir / "privacy.json").read_text())
         assert privacy["rounds"] in (3, 4) and privacy["epsilon_spent"] <= 8.0  # 4: trained in the cut round
+    from fedtune.secagg import STAGES
+    from fedtune.wire import secagg_message_type
+
+    stages = tuple(secagg_message_type(stage) for stage in STAGES)
+    for c in fed.contributors:  # every SecAgg+ stage of every round served by the one process that built the model
+        assert_one_resident_process(c, stages=stages, rounds=3)
 
 
 # ------------------------------------------------------------------------------ foreign app bundles
@@ -374,8 +403,10 @@ def train(message: Message, context: Context) -> Message:
 """
 
 
-def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
-    """A SuperLink (plain Flower, no fedtune guard) sends a bundle that shadows fedtune.clients.app."""
+@pytest.mark.parametrize("runner", ["resident-worker", "shim"])
+def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path, runner: str) -> None:
+    """A SuperLink (plain Flower, no fedtune guard) sends a bundle that shadows fedtune.clients.app: refused by the
+    resident worker (the default) and by the guarded ``flwr-clientapp`` of ``--no-resident-worker``."""
     port = free_port()
     link_home, marker, out = tmp_path / "flwr-link", tmp_path / "foreign-code-ran", tmp_path / "replies.json"
     env = _env(link_home)
@@ -417,6 +448,7 @@ def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
                         str(free_port()),
                         "--benchmark-seconds",
                         "0.1",
+                        *(["--no-resident-worker"] if runner == "shim" else []),
                     ],
                     stdout=fh,
                     stderr=subprocess.STDOUT,
@@ -454,6 +486,8 @@ def test_contributor_refuses_a_bundle_with_foreign_code(tmp_path: Path) -> None:
         assert len(replies) == 1
         assert replies[0]["error"] and "differs from the installed fedtune" in replies[0]["error"], replies
         assert not marker.exists()
+        stats = json.loads((state / "worker.json").read_text()) if runner == "resident-worker" else {}
+        assert stats.get("refused_bundles", 1) == 1 and not stats.get("by_type"), stats
     finally:
         for proc in reversed(procs):
             stop_group(proc)

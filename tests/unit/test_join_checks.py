@@ -45,7 +45,13 @@ def test_gpu_without_that_gpu_is_an_error_unless_cpu(capsys: pytest.CaptureFixtu
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--max-rank", "0"), ("--batch-size", "-4"), ("--micro-batch", "0"), ("--connect-timeout", "0")],
+    [
+        ("--max-rank", "0"),
+        ("--batch-size", "-4"),
+        ("--micro-batch", "0"),
+        ("--connect-timeout", "0"),
+        ("--threads", "-2"),
+    ],
 )
 def test_work_options_and_timeout_must_be_positive(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, value: str
