@@ -126,18 +126,24 @@ def test_join_reports_a_wrong_ca_at_once(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_join_and_its_supernode(tmp_path: Path) -> None:
-    """SIGINT to join alone (not its group): the SuperNode and its SuperExec are stopped, exit 130, a line says so."""
+    """SIGINT to join alone (not its group): the SuperNode and the resident worker are stopped, exit 130, a line
+    says so."""
     proc, log, state = start_join(tmp_path, f"127.0.0.1:{free_port()}", "--insecure", "--connect-timeout", "600")
     try:
-        supernode_log = state / "supernode.log"
+        supernode_log, worker_log = state / "supernode.log", state / "worker.log"
         wait_for(
-            lambda: supernode_log.exists() and "Starting Flower SuperExec" in supernode_log.read_text(errors="replace"),
+            lambda: (
+                supernode_log.exists()
+                and "Starting Flower SuperNode" in supernode_log.read_text(errors="replace")
+                and worker_log.exists()
+                and " ready in " in worker_log.read_text(errors="replace")
+            ),
             JOIN_TIMEOUT_S,
-            "the SuperNode and its SuperExec",
+            "the SuperNode and the resident worker",
         )
         started = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in started)
-        assert "flower-supernode" in names and "flower-superexec" in names, names
+        assert "fedtune.clients.worker supernode" in names and "--runtime-api-address" in names, names
         os.kill(proc.pid, signal.SIGINT)
         status = proc.wait(60)
     finally:
