@@ -214,13 +214,19 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per campaign")
     parser.add_argument("--out")
     parser.add_argument("--secagg-only", action="store_true", help="only the deployed SecAgg+ run")
+    parser.add_argument("--plain-only", action="store_true", help="only the simulated and deployed plain runs")
+    parser.add_argument("--keep", help="work in this (new) folder and keep its logs and run dirs")
     parser.add_argument(
         "--simulated-json", help="reuse the simulated figures of an earlier --out instead of simulating again"
     )
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            root = Path(args.keep).resolve()
+            root.mkdir(parents=True)
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-deploy-")))
         n, r, s = args.contributors, args.rounds, args.steps
         plain = campaign(root, "bench-plain", n, r, s, secagg=False)
         secure = campaign(root, "bench-secagg", n, r, s, secagg=True)
@@ -234,20 +240,23 @@ def main() -> None:
             return
         results["deployed"] = run_deployed(root, "deployed", plain, n, args.timeout)
         print(json.dumps(results["deployed"]), flush=True)
-        results["deployed-secagg"] = run_deployed(root, "deployed-secagg", secure, n, args.timeout)
-        print(json.dumps(results["deployed-secagg"]), flush=True)
+        if not args.plain_only:
+            results["deployed-secagg"] = run_deployed(root, "deployed-secagg", secure, n, args.timeout)
+            print(json.dumps(results["deployed-secagg"]), flush=True)
         if args.before:
             results["deployed-before"] = run_deployed(
                 root, "deployed-before", plain, n, args.timeout, "--no-resident-worker"
             )
             print(json.dumps(results["deployed-before"]), flush=True)
-    sim, dep, sec = results["simulated"], results["deployed"], results["deployed-secagg"]
+    sim, dep = results["simulated"], results["deployed"]
     ratios = {
         "deployed_over_simulated_wall": dep["wall_s"] / sim["wall_s"],
         "deployed_over_simulated_round_trip": dep["round_trip_s"] / sim["round_trip_s"],
-        "secagg_over_plain_wall": sec["wall_s"] / dep["wall_s"],
-        "secagg_over_plain_round_trip": sec["round_trip_s"] / dep["round_trip_s"],
     }
+    if "deployed-secagg" in results:
+        sec = results["deployed-secagg"]
+        ratios["secagg_over_plain_wall"] = sec["wall_s"] / dep["wall_s"]
+        ratios["secagg_over_plain_round_trip"] = sec["round_trip_s"] / dep["round_trip_s"]
     print(f"\n{n} contributors, {s} local steps, rounds 2..{r} (median); one torch thread each\n")
     print("| run | round wall s | round trip s | first round s | model loads / contributor |\n|---|---|---|---|---|")
     for key, res in results.items():

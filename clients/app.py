@@ -56,8 +56,6 @@ from fedtune.wire import (
     TrainReport,
     TrainRequest,
     Work,
-    arrays_from_record,
-    arrays_to_record,
     secagg_message_type,
 )
 
@@ -262,7 +260,7 @@ def local_update(
     assert privacy is not None
     if pins is None:
         CampaignPins.of(cfg).save(folder)
-    start = arrays_from_record(request.arrays)
+    start = request.tensors()
     load_trainable(ws.model, ws.to_local(start))
     result = train_local(
         ws.model,
@@ -301,10 +299,11 @@ def local_update(
 
 def handle_train(trainer: Trainer, message: Message, context: Context) -> Message:
     """A plain round's ``train`` message: train and send the new adapter, or decline."""
-    update = trainer(message, TrainRequest.read(message.content), context)
+    request = TrainRequest.read(message.content)
+    update = trainer(message, request, context)
     if isinstance(update, Message):
         return update
-    content = TrainReply(arrays_to_record(update.end), update.report, update.who).content()
+    content = TrainReply(request.layout.pack(update.end), update.report, update.who).content()
     if update.work is not None:
         content[WORK] = update.work.to_record()
     return Message(content=content, reply_to=message)

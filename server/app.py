@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import CampaignConfig, load_config
 from fedtune.deploy.runkey import RUN_KEY_ENV, verify_run_config
 from fedtune.rundir import RunDir, fresh_run_dir
+from fedtune.strategies.driver import tune_reply_pulls
 
 from .campaign import CampaignServer, Reporter
 
@@ -42,6 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     key = os.environ.get(RUN_KEY_ENV)
     if key is not None:  # on a coordinator: only the run `fedtune coordinate` signed
         verify_run_config(key, context.run_config)
+    tune_reply_pulls()
     cfg = load_config(Path(str(context.run_config["campaign"])))
     requested = str(context.run_config.get("run-dir", ""))
     if requested:  # fedtune coordinate: the run dir is fixed, and an existing one is resumed

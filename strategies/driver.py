@@ -23,6 +23,7 @@ Pitfalls
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -40,13 +41,13 @@ from fedtune.wire import (
     TRAIN_LOSS,
     ContributorInfo,
     Decline,
+    Layout,
     SecAggReply,
     TrainReply,
     TrainReport,
     TrainRequest,
     WireError,
     Work,
-    arrays_from_record,
     read_reply,
     record_nbytes,
 )
@@ -305,6 +306,24 @@ class NodeFates:
         return out
 
 
+REPLY_OBJECT_PULL = {"initial_backoff": 0.05, "backoff_cap": 0.5}
+"""How the coordinator's ServerApp retries a reply's objects that the SuperLink does not hold yet. The SuperLink
+hands out a reply as soon as a SuperNode registers it, before its objects are pushed; Flower then retries each
+missing object after 1, 2, 4 … 10 s (seen: ≈ 1 s lost per round on loopback, on every SecAgg+ stage too).
+Flower's overall limit (``PULL_MAX_TIME``) stays; past it the node's reply is an error, as in Flower."""
+
+
+def tune_reply_pulls() -> None:
+    """Make the deployment grid (``HttpGrid``, in this ServerApp process) retry a reply's objects per
+    :data:`REPLY_OBJECT_PULL` (idempotent). Only the deployed ServerApp needs it: the simulation's grid holds
+    replies in memory."""
+    import flwr.superlink.grid.http_grid as http_grid
+
+    pull = http_grid.pull_objects
+    if not isinstance(pull, functools.partial):
+        http_grid.pull_objects = functools.partial(pull, **REPLY_OBJECT_PULL)
+
+
 def send_and_receive(
     grid: Grid,
     messages: list[Message],
@@ -364,13 +383,14 @@ class Update:
 
 
 def aggregate(
-    strategy: FedAvg, server_round: int, updates: Sequence[Update]
+    strategy: FedAvg, server_round: int, updates: Sequence[Update], layout: Layout
 ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None]:
     """Flower's ``aggregate_train`` on ``updates``, each passed as a train reply that carries only them.
 
     Rebuilding the replies keeps whatever else a contributor put in its metrics (keys others lack) from
     making Flower refuse the whole round as inconsistent. FedAvg averages the tensors weighted by
-    ``weight``; FedAdam/FedYogi/FedAvgM then treat ``average − current`` as the pseudo-gradient.
+    ``weight``; FedAdam/FedYogi/FedAvgM then treat ``average − current`` as the pseudo-gradient. The updates
+    are packed adapters (:class:`~fedtune.wire.Layout`); the result is unpacked with ``layout``.
     """
     replies = [
         Message(
@@ -386,4 +406,4 @@ def aggregate(
         for u in updates
     ]
     record, metrics = strategy.aggregate_train(server_round, replies)
-    return (None if record is None else arrays_from_record(record)), metrics
+    return (None if record is None else layout.unpack(record, "aggregate", cast=True)), metrics

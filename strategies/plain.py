@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import CampaignConfig
-from fedtune.wire import TrainReply, TrainRequest, WireError, Work, arrays_from_record, record_nbytes
+from fedtune.wire import TrainReply, TrainRequest, WireError, Work, record_nbytes
 
 from .driver import NodeFates, RoundResult, Update, aggregate, exchange
 
@@ -78,7 +78,7 @@ class PlainRound:
                 Update(node, r.arrays, min(r.report.num_examples, self.assigned_examples), r.report.train_loss)
                 for node, r in sorted(trained.items())
             ]
-            arrays, metrics = aggregate(strategy, server_round, updates)
+            arrays, metrics = aggregate(strategy, server_round, updates, request.layout)
         bytes_up = sum(record_nbytes(r.arrays) for r in trained.values())
         return fates.result(request, arrays, metrics, abort_reason, bytes_up, round_trip_s)
 
@@ -88,7 +88,7 @@ class PlainRound:
         if work is None:
             return None
         work.check(self.cfg, "train reply", reply.report.num_examples)
-        start, end = arrays_from_record(request.arrays), arrays_from_record(reply.arrays)
+        start, end = request.tensors(), request.layout.unpack(reply.arrays, "train reply")
         for name, before in start.items():
             if "lora_B" in name and not np.array_equal(before[:, work.rank :], end[name][:, work.rank :]):
                 raise WireError(f"work: rank {work.rank} claimed, but {name} changed beyond column {work.rank}")

@@ -69,13 +69,12 @@ from fedtune.secagg.campaign import check_setup, decode_mean, flatten, quant_con
 from fedtune.wire import (
     SECAGG_IDENTITY,
     SECAGG_WEIGHT_MAX,
+    Layout,
     SecAggReply,
     SecAggRequest,
     TrainReport,
     TrainRequest,
     WireError,
-    arrays_from_record,
-    arrays_to_record,
     secagg_message_type,
 )
 
@@ -160,7 +159,7 @@ class SecureRound:
             if len(fates.cohort) < self.min_survivors:
                 raise SecAggAbort(f"cohort of {len(fates.cohort)}, below the minimum {self.min_survivors}")
             k, t = round_degree(self.cfg, len(fates.cohort))
-            current = arrays_from_record(request.arrays)
+            current = request.tensors()
             vector_len = sum(a.size for a in current.values()) + 1  # + the weight coordinate
             params = SecAggParams.create(
                 self.cfg.campaign.name, server_round, fates.cohort, vector_len, self.quant, neighbours=k, threshold=t
@@ -337,10 +336,8 @@ class SecureRound:
         exactly as they would for the individual replies whose weighted mean it is. The train loss is the
         survivors' example-weighted mean, as Flower computes it for a plain round.
         """
-        averaged = unflatten(flatten(current) + mean_delta, current)
+        averaged, layout = unflatten(flatten(current) + mean_delta, current), Layout.of(current)
         weights = {u: min(float(r.num_examples), self.weight_max) for u, r in fates.inputs.items()}
         train_loss = sum(w * fates.inputs[u].train_loss for u, w in weights.items()) / sum(weights.values())
-        update = Update(
-            min(fates.inputs), arrays_to_record(averaged), max(1, round(weight * self.weight_max)), train_loss
-        )
-        return aggregate(strategy, server_round, [update])
+        update = Update(min(fates.inputs), layout.pack(averaged), max(1, round(weight * self.weight_max)), train_loss)
+        return aggregate(strategy, server_round, [update], layout)

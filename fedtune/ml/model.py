@@ -263,11 +263,14 @@ def trainable_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_trainable(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Overwrite the trainable parameters; the names must match exactly."""
+    """Overwrite the trainable parameters; the names and shapes must match exactly."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(arrays):
         missing, extra = set(params) - set(arrays), set(arrays) - set(params)
         raise ValueError(f"adapter tensors do not match: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    for name, p in params.items():  # copy_ would broadcast a smaller tensor silently
+        if tuple(np.shape(arrays[name])) != tuple(p.shape):
+            raise ValueError(f"adapter tensor {name!r} is {list(np.shape(arrays[name]))}, the model's {list(p.shape)}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(torch.from_numpy(np.asarray(arrays[name])).to(p.dtype))

@@ -12,7 +12,7 @@ from fedtune.config import CampaignConfig
 from fedtune.ml.data import load_raw, partition, split_eval, tokenize
 from fedtune.ml.model import build_model, load_trainable, trainable_arrays
 from fedtune.strategies.server_optimizer import build_strategy
-from fedtune.wire import arrays_from_record, arrays_to_record
+from fedtune.wire import Layout
 
 from ..conftest import small_campaign
 from .lora_reference import effective_updates, relative_error, weighted_mean
@@ -56,7 +56,7 @@ def replies_of(ends: list[dict], weights: list[int]) -> list[Message]:
     return [
         Message(
             content=RecordDict(
-                {"arrays": arrays_to_record(e), "metrics": MetricRecord({"num-examples": w, "train_loss": 0.0})}
+                {"arrays": Layout.of(e).pack(e), "metrics": MetricRecord({"num-examples": w, "train_loss": 0.0})}
             ),
             dst_node_id=i + 1,
             message_type=MessageType.TRAIN,
@@ -69,7 +69,7 @@ def flower_fedavg(cfg: CampaignConfig, ends: list[dict], weights: list[int]) -> 
     """Aggregate through Flower's own FedAvg.aggregate_train, as the server does."""
     strategy = build_strategy(cfg, N_CLIENTS)
     record, _ = strategy.aggregate_train(1, replies_of(ends, weights))
-    return arrays_from_record(record)
+    return Layout.of(ends[0]).unpack(record, cast=True)
 
 
 def aggregation_error(mode: str) -> float:
@@ -118,9 +118,11 @@ def test_server_optimizers_move_the_adapter(optimizer: str) -> None:
     start = trainable_arrays(model)
     ends = [{k: v + 0.1 * (i + 1) for k, v in start.items()} for i in range(3)]
     strategy = build_strategy(cfg, 3)
-    strategy.current_arrays = dict(start)  # what configure_train records before a round
+    packed = Layout.of(start).pack(start)  # what configure_train records before a round
     if optimizer == "fedavgm":
-        strategy.current_arrays = arrays_to_record(start)
+        strategy.current_arrays = packed
+    else:
+        strategy.current_arrays = {k: a.numpy() for k, a in packed.items()}
     new, _ = strategy.aggregate_train(1, replies_of(ends, [1, 1, 1]))
-    moved = arrays_from_record(new)
+    moved = Layout.of(start).unpack(new, cast=True)
     assert all(not np.allclose(moved[k], start[k]) for k in start)

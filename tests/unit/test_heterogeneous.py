@@ -33,7 +33,7 @@ from fedtune.strategies.driver import RoundResult
 from fedtune.strategies.plain import PlainRound
 from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
-from fedtune.wire import ContributorInfo, TrainReport, TrainRequest, Work, arrays_from_record
+from fedtune.wire import ContributorInfo, TrainReport, TrainRequest, Work
 
 from ..conftest import small_campaign
 from .inprocess_grid import InProcessGrid
@@ -219,7 +219,7 @@ def cheat(fate: str) -> ClientApp:
 
     def trainer(message: Message, request: TrainRequest, context: Context, refuse: Any = None) -> Any:
         p = int(context.node_config["partition-id"])
-        start = arrays_from_record(request.arrays)
+        start = request.tensors()
         end = {k: v.copy() for k, v in start.items()}
         for v in end.values():
             v[:, : 2 if fate == "rank" else 1] += 0.01 * (p + 1)

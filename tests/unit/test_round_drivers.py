@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.clients.app import LocalUpdate, register_handlers
@@ -28,12 +28,13 @@ from fedtune.strategies.plain import PlainRound
 from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
 from fedtune.wire import (
+    ADAPTER,
     ContributorInfo,
     Decline,
+    Layout,
+    TrainReply,
     TrainReport,
     TrainRequest,
-    arrays_from_record,
-    arrays_to_record,
     record_nbytes,
 )
 
@@ -85,12 +86,13 @@ def contributors(fates: Mapping[int, str]) -> ClientApp:
             raise RuntimeError(f"contributor {p} crashed")
         if fate == "decline" or (refuse is not None and refuse(cfg) is not None):
             return Message(Decline("privacy budget spent", who(p), epsilon=2.0).content(), reply_to=message)
-        start = arrays_from_record(request.arrays)
+        start = request.tensors()
         end = {k: v + delta(p, v) for k, v in start.items()}
-        if fate == "misshape":
-            end = {k: v[:-1] for k, v in end.items()}
         examples = 10**6 if fate == "inflate" else 12
         report = TrainReport(examples, 3, 3.0 + 0.25 * p, epsilon=0.5)
+        if fate == "misshape":  # a packed adapter one element short
+            flat = request.layout.pack(end)[ADAPTER].numpy()[:-1]
+            return Message(TrainReply(ArrayRecord({ADAPTER: Array(flat)}), report, who(p)).content(), reply_to=message)
         return LocalUpdate(cfg, start, end, report, who(p))
 
     app = ClientApp()
@@ -161,7 +163,7 @@ def test_both_drivers_build_the_same_metrics_row(both: dict) -> None:
     assert plain_row["train_loss"] == pytest.approx(3.5) and secure_row["train_loss"] == pytest.approx(3.5)
     assert secure_row["survivors"] == 5 and set(secure_row["secagg_stage_s"]) == set(STAGES)
     n = sum(a.size for a in START.values())
-    assert plain_row["bytes_up"] == 5 * record_nbytes(arrays_to_record(START))
+    assert plain_row["bytes_up"] == 5 * record_nbytes(Layout.of(START).pack(START))
     assert secure_row["bytes_up"] == 5 * 4 * (n + 1)  # uint32 masked vector + the weight coordinate
     exact = {k: v + np.mean([delta(p, v) for p in range(5)], axis=0) for k, v in START.items()}
     for k, v in exact.items():
@@ -186,7 +188,7 @@ def test_a_round_below_the_minimum_applies_nothing_with_either_driver(tmp_path: 
 def test_plain_round_refuses_misshapen_updates_and_caps_claimed_examples(tmp_path: Path) -> None:
     result, row = run_round(False, tmp_path, {0: "inflate", 1: "misshape"})
     fates = by_partition(result)
-    assert fates[1][0] == "failed" and "invalid reply" in fates[1][1] and "layer.0.lora_B" in fates[1][1]
+    assert fates[1][0] == "failed" and "invalid reply" in fates[1][1] and "float32[" in fates[1][1]
     assert row["participants"] == N - 1
     kept = [p for p in range(N) if p != 1]
     exact = {k: v + np.mean([delta(p, v) for p in kept], axis=0) for k, v in START.items()}
@@ -205,7 +207,28 @@ def test_fedtune_contributors_decline_a_foreign_base_and_refuse_a_malformed_requ
     assert {o.status for o in result.outcomes} == {"declined"} and not result.applied
     assert all("fingerprint" in o.reason and o.contributor.name.startswith("sim-") for o in result.outcomes)
 
-    broken = TrainRequest("campaign = [", foreign.base_fingerprint, 1, foreign.arrays)  # not a campaign file
+    broken = TrainRequest("campaign = [", foreign.base_fingerprint, 1, foreign.arrays, foreign.layout)  # not TOML
     result = PlainRound(cfg).run(InProcessGrid(app, nodes), build_strategy(cfg, 3), broken)
     assert {o.status for o in result.outcomes} == {"failed"}
     assert all("WireError" in o.reason and "campaign-toml" in o.reason for o in result.outcomes)
+
+
+def test_the_deployed_serverapp_retries_reply_objects_soon() -> None:
+    """Flower's HttpGrid pulls a reply's objects through ``pull_objects`` (1 s … 10 s back-off); fedtune's is tuned."""
+    import functools
+    import inspect
+
+    import flwr.superlink.grid.http_grid as http_grid
+
+    from fedtune.strategies.driver import REPLY_OBJECT_PULL, tune_reply_pulls
+
+    original = http_grid.pull_objects
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
+    assert set(REPLY_OBJECT_PULL) <= set(inspect.signature(original).parameters)
+    try:
+        tune_reply_pulls()
+        tune_reply_pulls()  # idempotent
+        tuned = http_grid.pull_objects
+        assert isinstance(tuned, functools.partial) and tuned.func is original and tuned.keywords == REPLY_OBJECT_PULL
+    finally:
+        http_grid.pull_objects = original

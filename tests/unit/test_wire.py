@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune import wire
 from fedtune.config import CampaignConfig
@@ -16,13 +16,13 @@ from fedtune.strategies.server_optimizer import build_strategy
 from fedtune.wire import (
     ContributorInfo,
     Decline,
+    Layout,
     SecAggReply,
     SecAggRequest,
     TrainReply,
     TrainReport,
     TrainRequest,
     WireError,
-    arrays_to_record,
     read_reply,
 )
 
@@ -32,6 +32,7 @@ ARRAYS = {"a.lora_B": np.arange(12, dtype=np.float32).reshape(3, 4), "b.lora_B":
 WHO = ContributorInfo("0123abcd", "alice", "team-x", 1e12)
 REPORT = TrainReport(num_examples=24, steps=3, train_loss=3.25, epsilon=0.75)
 HEADER = {"campaign_id": "test", "round": 2}
+LAYOUT = Layout.of(ARRAYS)
 
 
 def request() -> TrainRequest:
@@ -66,14 +67,19 @@ def test_train_request_round_trip() -> None:
     sent = request()
     got = TrainRequest.read(sent.content())
     assert (got.campaign_toml, got.base_fingerprint, got.server_round) == (sent.campaign_toml, sent.base_fingerprint, 2)
-    assert set(sent.config()) == {wire.CAMPAIGN_TOML, wire.BASE_FINGERPRINT, wire.SERVER_ROUND}  # no state path
-    assert same_arrays(got.arrays, sent.arrays)
+    assert set(sent.config()) == {wire.CAMPAIGN_TOML, wire.BASE_FINGERPRINT, wire.SERVER_ROUND, wire.LAYOUT}
+    assert same_arrays(got.arrays, sent.arrays) and got.layout == sent.layout
+    assert list(got.arrays) == [wire.ADAPTER]  # one packed array on the wire, not one per tensor
+    back = got.tensors()
+    assert list(back) == list(ARRAYS) and all(
+        np.array_equal(back[k], v) and back[k].shape == v.shape for k, v in ARRAYS.items()
+    )
     assert got.campaign().to_toml() == CampaignConfig.from_dict(small_campaign()).to_toml()
 
 
 def test_train_reply_and_contributor_round_trip() -> None:
-    got = TrainReply.read(TrainReply(arrays_to_record(ARRAYS), REPORT, WHO).content(), like=arrays_to_record(ARRAYS))
-    assert got.report == REPORT and got.contributor == WHO and same_arrays(got.arrays, arrays_to_record(ARRAYS))
+    got = TrainReply.read(TrainReply(LAYOUT.pack(ARRAYS), REPORT, WHO).content(), like=LAYOUT.pack(ARRAYS))
+    assert got.report == REPORT and got.contributor == WHO and same_arrays(got.arrays, LAYOUT.pack(ARRAYS))
     anonymous = ContributorInfo("0123abcd", "bob")  # no team, no declared peak
     assert ContributorInfo.from_record(anonymous.to_record()) == anonymous
     quiet = TrainReport(24, 3, 3.0)  # no DP: no ε
@@ -87,7 +93,7 @@ def test_decline_round_trip_and_dispatch() -> None:
         content = Decline("privacy budget spent", WHO, epsilon).content()
         assert Decline.is_decline(content)
         assert read_reply(content) == read_reply(content, "advertise") == Decline("privacy budget spent", WHO, epsilon)
-    assert not Decline.is_decline(TrainReply(arrays_to_record(ARRAYS), REPORT, WHO).content())
+    assert not Decline.is_decline(TrainReply(LAYOUT.pack(ARRAYS), REPORT, WHO).content())
     with pytest.raises(WireError, match="secagg unmask reply"):  # only the stages that train may decline
         read_reply(Decline("no", WHO).content(), "unmask")
 
@@ -122,7 +128,7 @@ def test_secagg_names_and_flower_keys_agree_with_their_owners() -> None:
 # -- malformed messages ------------------------------------------------------------------------------
 
 TRAIN = request().content()
-REPLY = TrainReply(arrays_to_record(ARRAYS), REPORT, WHO).content()
+REPLY = TrainReply(LAYOUT.pack(ARRAYS), REPORT, WHO).content()
 DECLINE = Decline("budget", WHO, 1.0).content()
 ADVERTISE_REPLY = SecAggReply(
     {**HEADER, "stage": "advertise", "sender": 3, wire.SECAGG_IDENTITY: b"k" * 32}, contributor=WHO
@@ -140,6 +146,34 @@ MALFORMED: dict[str, tuple[Callable[[], object], str]] = {
     "train request with a text round": (
         lambda: TrainRequest.read(replaced(TRAIN, wire.CONFIG, wire.SERVER_ROUND, "2")),
         "'server-round' must be int",
+    ),
+    "train request without a layout": (
+        lambda: TrainRequest.read(without(TRAIN, wire.CONFIG, wire.LAYOUT)),
+        "'layout'",
+    ),
+    "train request with a layout that is not JSON": (
+        lambda: TrainRequest.read(replaced(TRAIN, wire.CONFIG, wire.LAYOUT, "{")),
+        "not an adapter layout",
+    ),
+    "train request whose layout names a tensor twice": (
+        lambda: TrainRequest.read(
+            replaced(TRAIN, wire.CONFIG, wire.LAYOUT, Layout("float32", (("a", (6,)), ("a", (11,)))).to_json())
+        ),
+        "names a tensor twice",
+    ),
+    "train request whose layout does not fit its array": (
+        lambda: TrainRequest.read(
+            replaced(TRAIN, wire.CONFIG, wire.LAYOUT, Layout("float32", (("a.lora_B", (3, 4)),)).to_json())
+        ),
+        "float32[17], the layout says float32[12]",
+    ),
+    "train request with one array per tensor": (
+        lambda: TrainRequest.read(
+            RecordDict(
+                {wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in ARRAYS.items()}), wire.CONFIG: TRAIN[wire.CONFIG]}
+            )
+        ),
+        "instead of the one packed 'adapter' array",
     ),
     "train request with a broken campaign": (
         lambda: TrainRequest.read(replaced(TRAIN, wire.CONFIG, wire.CAMPAIGN_TOML, "[lora]\nrank = 'x'")).campaign(),
@@ -159,12 +193,14 @@ MALFORMED: dict[str, tuple[Callable[[], object], str]] = {
         "num-examples",
     ),
     "train reply with other tensors": (
-        lambda: TrainReply.read(REPLY, like=arrays_to_record({"a.lora_B": ARRAYS["a.lora_B"]})),
-        "differ from the request",
+        lambda: TrainReply.read(
+            REPLY, like=Layout.of({"a.lora_B": ARRAYS["a.lora_B"]}).pack({"a.lora_B": ARRAYS["a.lora_B"]})
+        ),
+        "float32[17], not float32[12]",
     ),
     "train reply with a reshaped tensor": (
-        lambda: TrainReply.read(REPLY, like=arrays_to_record({**ARRAYS, "b.lora_B": np.ones(6, np.float32)})),
-        "float32[5], not float32[6]",
+        lambda: TrainReply.read(REPLY, like=ArrayRecord({"a.lora_B": LAYOUT.pack(ARRAYS)[wire.ADAPTER]})),
+        "differ from the request",
     ),
     "contributor with an empty id": (
         lambda: TrainReply.read(replaced(REPLY, wire.CONTRIBUTOR, wire.CONTRIBUTOR_ID, "")),
@@ -232,3 +268,15 @@ def test_an_empty_message_is_a_wire_error_for_every_reader(stage: str | None) ->
         TrainRequest.read(RecordDict()) if stage is None else SecAggRequest.read(RecordDict(), stage)
     with pytest.raises(WireError):
         TrainReport.from_record(MetricRecord({}))
+
+
+def test_layout_packs_in_its_own_order_and_refuses_other_tensors() -> None:
+    shuffled = dict(reversed(list(ARRAYS.items())))  # a contributor's dict order is not the wire order
+    assert np.array_equal(LAYOUT.pack(shuffled)[wire.ADAPTER].numpy(), LAYOUT.pack(ARRAYS)[wire.ADAPTER].numpy())
+    assert Layout.from_json(LAYOUT.to_json(), "x") == LAYOUT and LAYOUT.size == 17
+    with pytest.raises(ValueError, match="missing \\['b.lora_B'\\]"):
+        LAYOUT.pack({"a.lora_B": ARRAYS["a.lora_B"]})
+    with pytest.raises(ValueError, match="'b.lora_B' is \\[6\\], the layout says \\[5\\]"):
+        LAYOUT.pack({**ARRAYS, "b.lora_B": np.ones(6, np.float32)})
+    with pytest.raises(ValueError, match="several dtypes"):
+        Layout.of({"a": np.ones(2, np.float32), "b": np.ones(2, np.float64)})
