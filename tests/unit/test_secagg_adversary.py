@@ -35,7 +35,16 @@ from fedtune.secagg import STAGES, QuantConfig, SecAggAbort, SecAggError, genera
 from fedtune.secagg.campaign import decode_mean
 from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
-from fedtune.wire import ContributorInfo, Decline, SecAggReply, SecAggRequest, TrainReport, TrainRequest, secagg_action
+from fedtune.wire import (
+    ContributorInfo,
+    Decline,
+    SecAggReply,
+    SecAggRequest,
+    TrainReport,
+    TrainRequest,
+    Work,
+    secagg_action,
+)
 
 from ..conftest import small_campaign
 from .inprocess_grid import InProcessGrid
@@ -406,8 +415,9 @@ def test_a_dealer_of_inconsistent_shares_is_named_and_nothing_is_unmasked_wrongl
     assert caught.value.culprit == cheat and cohort.server.blamed.keys() == {cheat}
 
 
-def _driver_round(stage: str, tamper: Callable[[Msg], None], folder: Path) -> Any:
-    """One SecureRound over fedtune's ClientApp handlers, 6 contributors; node 1000's ``stage`` reply is tampered."""
+def _driver_round(stage: str, tamper: Callable[[Msg], None], folder: Path, claim: Work | None = None) -> Any:
+    """One SecureRound over fedtune's ClientApp handlers, 6 contributors; node 1000's ``stage`` reply is tampered
+    (``claim``: the work it says it took on, in place of none)."""
     raw = small_campaign(
         federation={"contributors_per_round": 6, "min_cohort": 2, "round_timeout_s": 5.0},
         simulation={"contributors": 6},
@@ -421,7 +431,7 @@ def _driver_round(stage: str, tamper: Callable[[Msg], None], folder: Path) -> An
         who = ContributorInfo(f"id-{p}", f"sim-{p}")
         if refuse is not None and (reason := refuse(request.campaign())) is not None:
             return Message(Decline(reason, who).content(), reply_to=message)
-        begin = {name: arr.numpy() for name, arr in request.arrays.items()}
+        begin = request.tensors()
         end = {k: v + 0.01 * (p + 1) for k, v in begin.items()}
         return LocalUpdate(request.campaign(), begin, end, TrainReport(12, 3, 1.0), who)
 
@@ -432,7 +442,7 @@ def _driver_round(stage: str, tamper: Callable[[Msg], None], folder: Path) -> An
         got = SecAggReply.read(reply.content, stage)
         msg = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in got.msg.items()}
         tamper(msg)
-        return Message(SecAggReply(msg, got.contributor, got.report).content(), reply_to=message)
+        return Message(SecAggReply(msg, got.contributor, got.report, claim).content(), reply_to=message)
 
     app = ClientApp()
     for name in STAGES:
@@ -504,3 +514,25 @@ def test_decode_mean_refuses_an_out_of_range_aggregate_and_names_it() -> None:
     assert weight == pytest.approx(4.0) and np.max(np.abs(mean)) < quant.mean_error_bound
     with pytest.raises(SecAggAbort, match="differs from the 3.5 the server assigned"):
         decode_mean(honest, quant, n, expected_weight=3.5)
+
+
+@pytest.mark.parametrize(
+    "claim,named",
+    [
+        (Work(rank=64, batch_size=2), "rank 64 / batch 2 outside the campaign's"),  # more than the campaign's rank
+        (Work(rank=1, batch_size=1), "batch 1 × 3 steps, but 12 examples reported"),  # a claim its report belies
+    ],
+)
+def test_a_masked_input_with_an_impossible_work_claim_is_out_and_the_rest_applied(
+    claim: Work, named: str, tmp_path: Path
+) -> None:
+    """A contributor cannot inflate (or garble) what it claims to have done under SecAgg+, where the coordinator
+    cannot look at its update: the claim is checked against the campaign and its own report before the server
+    takes its masked input, and it leaves the round as a dropout (its masks are recovered, nobody else's credit or
+    the mean changes)."""
+    result, start = _driver_round("masked_input", lambda msg: None, tmp_path, claim)
+    fates = {o.node_id: (o.status, o.reason) for o in result.outcomes}
+    assert fates[1000][0] == "failed" and named in fates[1000][1], fates[1000]
+    assert result.applied and all(status == "included" for n, (status, _) in fates.items() if n != 1000)
+    mean = np.mean([0.01 * (p + 1) for p in range(1, 6)])  # 1000's input is not in the sum
+    np.testing.assert_allclose(result.arrays["layer.0.lora_B"], start["layer.0.lora_B"] + mean, atol=2e-4)
