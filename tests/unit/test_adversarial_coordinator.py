@@ -41,7 +41,7 @@ from fedtune.secagg import QuantConfig, SecAggParams, SecAggServer, generate_ide
 from fedtune.server.campaign import round_row
 from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
-from fedtune.wire import CONFIG, SECAGG_WEIGHT_MAX, Decline, SecAggRequest, TrainRequest, secagg_message_type
+from fedtune.wire import CONFIG, SECAGG_WEIGHT_MAX, Decline, Layout, SecAggRequest, TrainRequest, secagg_message_type
 
 from ..conftest import small_campaign
 from .inprocess_grid import InProcessGrid
@@ -126,9 +126,10 @@ def declined_for(reply: Message, *words: str) -> str:
     return reason
 
 
-def adapter(reply: Message) -> dict[str, np.ndarray]:
+def adapter(reply: Message, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The trained adapter of a reply, unpacked with the layout of the request's ``start``."""
     assert not reply.has_error() and not Decline.is_decline(reply.content), "no trained reply"
-    return {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+    return Layout.of(start).unpack(reply.content.array_records["arrays"])
 
 
 def old_public_seed(cfg: CampaignConfig, server_round: int, partition: int) -> int:
@@ -184,7 +185,8 @@ def test_identical_public_inputs_draw_different_batches_and_noise(
     cfg = campaign()
     one = contributor(tmp_path / "a").train(cfg, 1, start, fingerprint)
     two = contributor(tmp_path / "b").train(cfg, 1, start, fingerprint)
-    assert not same(adapter(one), adapter(two)), "same campaign, round, partition and shard gave the same update"
+    same_update = same(adapter(one, start), adapter(two, start))
+    assert not same_update, "same campaign, round, partition and shard gave the same update"
 
 
 @pytest.mark.slow
@@ -194,7 +196,7 @@ def test_coordinator_cannot_recompute_a_round_from_the_public_seed(
     cfg = campaign()
     reply = contributor(tmp_path / "deployed").train(cfg, 1, start, fingerprint)
     public = coordinator_replay(cfg, start, Randomness.from_seed(old_public_seed(cfg, 1, 0)), tmp_path / "replay")
-    assert not same(adapter(reply), public), "the coordinator recomputed the batches and the noise"
+    assert not same(adapter(reply, start), public), "the coordinator recomputed the batches and the noise"
 
     # control: the replay is exact whenever the randomness is known, here through the local simulation switch
     monkeypatch.setenv(SIM_SEED, "7")
@@ -207,7 +209,7 @@ def test_coordinator_cannot_recompute_a_round_from_the_public_seed(
 
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     replay = coordinator_replay(cfg, start, round_randomness(ctx, ContributorPolicy(), 1, "cpu"), tmp_path / "r2")
-    assert same(adapter(known), replay), "the replay is not faithful, so the mismatch above would prove nothing"
+    assert same(adapter(known, start), replay), "the replay is not faithful, so the mismatch above would prove nothing"
 
 
 # -- 2. DP switched off by the coordinator -----------------------------------------------------------------

@@ -34,7 +34,7 @@ from fedtune.clients.trainer import Randomness, SecureModeUnavailable, secure_mo
 from fedtune.config import CampaignConfig
 from fedtune.ml.model import base_fingerprint, build_model, trainable_arrays
 from fedtune.privacy import EPSILON_STEP, LOSS_MAX, coarse_epsilon, coarse_loss
-from fedtune.wire import Decline, TrainRequest
+from fedtune.wire import Decline, Layout, TrainRequest
 
 from ..conftest import small_campaign
 from .inprocess_grid import InProcessGrid
@@ -172,7 +172,7 @@ def trained_adapter(grid: InProcessGrid, cfg: CampaignConfig, start: dict) -> di
     )
     (reply,) = grid.send_and_receive([msg])
     assert not reply.has_error() and not Decline.is_decline(reply.content), reply
-    return {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()}
+    return Layout.of(start).unpack(reply.content.array_records["arrays"])
 
 
 @pytest.mark.slow
