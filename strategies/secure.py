@@ -69,7 +69,6 @@ from fedtune.secagg.campaign import check_setup, decode_mean, flatten, quant_con
 from fedtune.wire import (
     SECAGG_IDENTITY,
     SECAGG_WEIGHT_MAX,
-    Layout,
     SecAggReply,
     SecAggRequest,
     TrainReport,
@@ -171,7 +170,7 @@ class SecureRound:
                 log.warning("round %d: node %s reports invalid shares from node %s", server_round, holder, dealer)
             assigned = sum(min(float(reports[u].num_examples), self.weight_max) for u in agg.survivors)
             mean_delta, weight = decode_mean(agg.total, self.quant, len(agg.survivors), assigned / self.weight_max)
-            arrays, metrics = self._server_step(strategy, server_round, current, mean_delta, weight, fates)
+            arrays, metrics = self._server_step(strategy, server_round, request, current, mean_delta, weight, fates)
         except SecAggCheatError as exc:  # a dealer whose shares do not rebuild its secret: nothing can be unmasked
             self._named(fates, exc)
             abort_reason = str(exc)
@@ -325,6 +324,7 @@ class SecureRound:
         self,
         strategy: FedAvg,
         server_round: int,
+        request: TrainRequest,
         current: dict[str, np.ndarray],
         mean_delta: np.ndarray,
         weight: float,
@@ -336,7 +336,7 @@ class SecureRound:
         exactly as they would for the individual replies whose weighted mean it is. The train loss is the
         survivors' example-weighted mean, as Flower computes it for a plain round.
         """
-        averaged, layout = unflatten(flatten(current) + mean_delta, current), Layout.of(current)
+        averaged, layout = unflatten(flatten(current) + mean_delta, current), request.layout
         weights = {u: min(float(r.num_examples), self.weight_max) for u, r in fates.inputs.items()}
         train_loss = sum(w * fates.inputs[u].train_loss for u, w in weights.items()) / sum(weights.values())
         update = Update(min(fates.inputs), layout.pack(averaged), max(1, round(weight * self.weight_max)), train_loss)
