@@ -46,6 +46,7 @@ from fedtune.privacy import (
     coarse_epsilon,
     coarse_loss,
     resolve_delta,
+    trainable_parameters,
 )
 from fedtune.wire import (
     SECAGG_ADVERTISE,
@@ -59,6 +60,7 @@ from fedtune.wire import (
     secagg_message_type,
 )
 
+from .optimizer_state import OptimizerState
 from .policy import (
     CampaignPins,
     ContributorPolicy,
@@ -262,6 +264,7 @@ def local_update(
         CampaignPins.of(cfg).save(folder)
     start = request.tensors()
     load_trainable(ws.model, ws.to_local(start))
+    moments = OptimizerState(folder, OptimizerState.key_for(request.campaign_toml, trainable_parameters(ws.model)))
     result = train_local(
         ws.model,
         ws.shard,
@@ -270,6 +273,7 @@ def local_update(
         randomness=round_randomness(context, policy, server_round, ws.device),
         privacy=privacy,
         secure_mode=policy.secure_mode,
+        optimizer_state=moments if fed.keep_optimizer_state else None,
         **ws.train_options(),
     )
     end = ws.to_campaign(start, trainable_arrays(ws.model))

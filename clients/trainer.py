@@ -47,6 +47,8 @@ from fedtune.privacy import (
     trainable_parameters,
 )
 
+from .optimizer_state import OptimizerState
+
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -306,6 +308,7 @@ def train_local(
     secure_mode: bool = False,
     micro_batch_size: int = 0,
     precision: Precision | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable adapter; DP-SGD (DP-AdamW) when ``privacy`` says so.
 
@@ -335,6 +338,9 @@ def train_local(
         > 0: run each batch in chunks of at most this many sequences (same steps, same result, less memory).
     precision
         Autocast dtype of the forward passes (default float32); float16 is refused under DP.
+    optimizer_state
+        Where the contributor keeps its AdamW moments between rounds (``None``: start cold, keep nothing): they
+        are restored before the first step and saved after the last (not when training raises).
 
     Returns
     -------
@@ -359,6 +365,8 @@ def train_local(
     if private and precision is not None and precision.dtype == torch.float16:
         raise ValueError("float16 training needs loss scaling, which DP-SGD's per-sample clipping would see: use bf16")
     optimizer = _optimizer(model, learning_rate)
+    if optimizer_state is not None:
+        optimizer_state.restore(optimizer)  # before Opacus wraps it: the wrapper steps this optimizer's state
     run: LocalRun
     if private:
         assert privacy is not None
@@ -393,6 +401,8 @@ def train_local(
             losses.append(loss)
             examples += batch_rows(batch)
             tokens += int(token_counts(batch["attention_mask"]).sum())
+        if optimizer_state is not None:
+            optimizer_state.save(optimizer)
     finally:
         run.close()  # Opacus' hooks off, so the same model can be wrapped again next round
         if privacy is not None:

@@ -110,6 +110,7 @@ class FederationSection:
     batch_size: int = 8
     micro_batch_size: int = 0  # > 0: run each batch in chunks of this many sequences (same step, less memory)
     learning_rate: float = 1e-3
+    keep_optimizer_state: bool = True  # each contributor's local AdamW moments carry over to its next round
     server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
