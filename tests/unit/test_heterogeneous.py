@@ -332,3 +332,18 @@ def test_a_contributors_choice_only_ever_lowers_its_work() -> None:
     plain_lora = campaign(lora={"mode": "lora"})
     reason = local_choice(plain_lora, {"max-rank": 2}, 0)
     assert isinstance(reason, str) and "mode 'ffa'" in reason
+
+
+def test_an_adapter_tensor_of_another_shape_is_refused_not_broadcast() -> None:
+    """A rank-1 B where the model holds rank 8 would broadcast into every column through ``copy_``: refused,
+    naming the tensor, before any parameter changes."""
+    from fedtune.ml.model import load_trainable
+
+    torch.manual_seed(0)
+    model, _ = build_model(CampaignConfig.from_dict(small_campaign()))
+    before = trainable_arrays(model)
+    name = next(n for n in before if "lora_B" in n)
+    bad = {n: a + 1.0 for n, a in before.items()} | {name: before[name][:, :1] + 1.0}
+    with pytest.raises(ValueError, match=f"adapter tensor '{name}' is \\[{before[name].shape[0]}, 1\\]"):
+        load_trainable(model, bad)
+    assert all(np.array_equal(a, trainable_arrays(model)[n]) for n, a in before.items())
