@@ -264,7 +264,11 @@ def local_update(
         CampaignPins.of(cfg).save(folder)
     start = request.tensors()
     load_trainable(ws.model, ws.to_local(start))
-    moments = OptimizerState(folder, OptimizerState.key_for(request.campaign_toml, trainable_parameters(ws.model)))
+    moments = (
+        OptimizerState(folder, OptimizerState.key_for(request.campaign_toml, trainable_parameters(ws.model)))
+        if fed.keep_optimizer_state
+        else None
+    )
     result = train_local(
         ws.model,
         ws.shard,
@@ -273,7 +277,7 @@ def local_update(
         randomness=round_randomness(context, policy, server_round, ws.device),
         privacy=privacy,
         secure_mode=policy.secure_mode,
-        optimizer_state=moments if fed.keep_optimizer_state else None,
+        optimizer_state=moments,
         **ws.train_options(),
     )
     end = ws.to_campaign(start, trainable_arrays(ws.model))

@@ -20,18 +20,21 @@ Pitfalls
       the trainable tensors' shapes; any other key starts cold (and the round's moments replace the file).
     - Only per-parameter state is restored, never ``param_groups``: the learning rate is this round's campaign's.
     - A damaged or foreign file is not a reason to skip a round: it is ignored (one warning) and overwritten.
-    - Written to a temporary name and renamed, so a crash mid-write leaves the previous round's moments.
+    - Written with :func:`fedtune.files.atomic_write_bytes`, so a crash mid-write leaves the previous round's
+      moments (``restore`` loads to the CPU; the optimizer moves them to its parameters' device).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fedtune.files import atomic_write_bytes
 
 log = logging.getLogger("fedtune.optimizer_state")
 
@@ -79,9 +82,8 @@ class OptimizerState:
         return True
 
     def save(self, optimizer: torch.optim.Optimizer) -> None:
-        """Write ``optimizer``'s per-parameter moments (temp file, then rename)."""
-        state = {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in optimizer.state_dict()["state"].items()}
+        """Write ``optimizer``'s per-parameter moments (:func:`~fedtune.files.atomic_write_bytes`)."""
+        buffer = io.BytesIO()
+        torch.save({"key": self.key, "state": optimizer.state_dict()["state"]}, buffer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save({"key": self.key, "state": state}, partial)
-        os.replace(partial, self.path)
+        atomic_write_bytes(self.path, buffer.getvalue())
