@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,15 +109,21 @@ def contributor_info(cfg: CampaignConfig, context: Context) -> ContributorInfo:
 def record_round(context: Context, row: dict) -> None:
     """Append this contributor's round to ``STATE_DIR/rounds.jsonl`` (its own log, never sent; ``join`` prints it).
 
-    Each row also says which process served it and how many models that process has built so far
-    (``pid``, ``model_loads``: a resident worker builds one per campaign)."""
+    Each row also says which process and thread served it and how many models that process has built so far
+    (``pid``, ``thread``, ``model_loads``: a resident worker builds one per campaign and trains SecAgg+ rounds in a
+    background thread)."""
     try:
         state = contributor_state_dir(context)
     except PolicyError:
         return  # declined before it was known where this contributor keeps its state
     state.mkdir(parents=True, exist_ok=True)
     with (state / "rounds.jsonl").open("a", encoding="utf-8") as fh:
-        meta = {"pid": os.getpid(), "model_loads": int(CACHE.counts["build_model"]), "time": time.time()}
+        meta = {
+            "pid": os.getpid(),
+            "thread": threading.current_thread().name,
+            "model_loads": int(CACHE.counts["build_model"]),
+            "time": time.time(),
+        }
         fh.write(json.dumps({**row, **meta}, sort_keys=True) + "\n")
 
 
@@ -225,6 +232,7 @@ def local_update(
     request: TrainRequest,
     context: Context,
     refuse: Callable[[CampaignConfig], str | None] | None = None,
+    on_train: Callable[[ContributorInfo], None] | None = None,
 ) -> LocalUpdate | Message:
     """Every contributor-side check, then local training: a decline reply, or the update to send.
 
@@ -233,6 +241,8 @@ def local_update(
     accepted (:class:`~fedtune.clients.policy.CampaignPins`); ``refuse`` (the SecAgg+ stage's own checks); the
     shard, the calibrated noise and the lifetime budget (:func:`open_privacy`). The first accepted round's
     parameters are pinned before it trains. The plain and the secure-aggregation handlers share everything else.
+    ``on_train`` is called once every check has passed, just before training: from then on the round no longer
+    declines (the SecAgg+ stage of a resident worker answers ``advertise`` there and trains in the background).
     """
     cfg, server_round = request.campaign(), request.server_round
     if str(context.node_config.get("data", "")):  # a deployed contributor trains on its own data
@@ -269,6 +279,8 @@ def local_update(
         if fed.keep_optimizer_state
         else None
     )
+    if on_train is not None:
+        on_train(who)
     result = train_local(
         ws.model,
         ws.shard,

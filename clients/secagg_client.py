@@ -8,6 +8,11 @@ Job
     long-term identity key is never put there; it is reloaded for every stage. The update is dropped once masked,
     the rest after unmasking.
 
+    A process that serves every message of its node (the resident worker: :func:`train_in_background`) answers
+    ``advertise`` as soon as every check has passed and trains in a background thread meanwhile, so the ``view`` and
+    ``share_keys`` exchanges happen during training instead of after it; ``masked_input`` waits for the update
+    (kept in this process's memory until then). Elsewhere training finishes before ``advertise`` is answered.
+
 Threat
     The coordinator is the adversary of this contributor's update. Before training, the ``advertise`` stage checks
     the round's SecAgg+ parameters against the contributor's own policy (:mod:`fedtune.clients.policy`: minimum
@@ -19,7 +24,11 @@ Threat
 
 Pitfalls
     The first stage also trains (with every check of the plain round: base fingerprint, privacy budget), so the
-    parameter check must run in the trainer's ``refuse`` hook, before training, not after it.
+    parameter check must run in the trainer's ``refuse`` hook, before training, not after it. In the background
+    mode a contributor can no longer decline once it has answered ``advertise``: the answer waits for the trainer's
+    ``on_train`` hook, which runs after the last check. A training that fails afterwards makes the node drop out at
+    ``masked_input`` (recoverable); a process killed during ``view``/``share_keys`` aborts the round, as before.
+    A node's next ``advertise`` waits for its previous training, so two never share the model.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +103,67 @@ Trainer = Callable[..., "LocalUpdateLike | Message"]
 """``trainer(message, request, context, refuse=...)``: :func:`fedtune.clients.app.local_update`."""
 
 
+class _Job:
+    """One round's local training in a background thread of the resident worker, from ``advertise`` to
+    ``masked_input``."""
+
+    def __init__(self, node: int, round_id: int, weight_max: float) -> None:
+        self.node, self.round_id, self.weight_max = node, round_id, weight_max
+        self.who: ContributorInfo | None = None
+        self._started, self._done = threading.Event(), threading.Event()
+        self._outcome: LocalUpdateLike | Message | None = None
+        self._error: BaseException | None = None
+
+    def start(self, run: Callable[..., LocalUpdateLike | Message]) -> LocalUpdateLike | Message | None:
+        """Run ``run(on_train=...)`` in a thread; its outcome if it ends before training starts, else None."""
+
+        def body() -> None:
+            try:
+                self._outcome = run(on_train=self._on_train)
+            except BaseException as exc:  # noqa: BLE001 - re-raised where the outcome is read
+                self._error = exc
+            finally:
+                self._done.set()
+                self._started.set()
+
+        threading.Thread(target=body, name=f"secagg-train-{self.node}", daemon=True).start()
+        self._started.wait()
+        return self.result() if self._done.is_set() else None
+
+    def _on_train(self, who: ContributorInfo) -> None:
+        self.who = who
+        self._started.set()
+
+    def result(self) -> LocalUpdateLike | Message:
+        """Wait for the training to end; its update (or decline), or what it raised."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
+
+_BACKGROUND = False
+_JOBS: dict[int, _Job] = {}  # node id -> its round's training, between advertise and masked_input
+
+
+def train_in_background(enabled: bool) -> None:
+    """Overlap local training with the ``view`` and ``share_keys`` stages (for a process that serves every stage).
+
+    Only a process that gets every message of its node may do this (the resident worker,
+    :mod:`fedtune.clients.worker`): the update stays in this process's memory until ``masked_input``.
+    """
+    global _BACKGROUND
+    _BACKGROUND = enabled
+
+
+def settle_background_training(node: int | None = None) -> None:
+    """Wait for, then forget, the background training of ``node`` (every node's when None), whatever its end."""
+    for key in [k for k in _JOBS if node is None or k == node]:
+        job = _JOBS.pop(key)
+        job._done.wait()
+
+
 def register_secagg_handlers(app: ClientApp, trainer: Trainer) -> None:
     """Register ``@app.train("secagg_<stage>")`` for every stage; ``trainer`` runs the local round."""
     for stage in STAGES:
@@ -138,12 +209,19 @@ def secagg_policy(context: Context, cfg: CampaignConfig) -> SecAggPolicy:
 
 
 def _advertise(message: Message, context: Context, request: SecAggRequest, trainer: Trainer) -> Message:
-    """Stage 1: check the parameters against this contributor's policy and make its keys, train (or decline), answer."""
+    """Stage 1: check the parameters against this contributor's policy and make its keys, train (or decline), answer.
+
+    In a resident worker (:func:`train_in_background`) the answer goes out once every check has passed and training
+    has started; training goes on in a background thread while this process answers ``view`` and ``share_keys``,
+    and ``masked_input`` waits for it. Elsewhere (simulation, a process per message) training finishes first.
+    """
+    node = message.metadata.dst_node_id
+    settle_background_training(node)  # a previous round's training never runs beside this one's
     for key in (STATE, META, UPDATE, REPORT, WHO, WORK_STATE):  # leftovers of an aborted round
         context.state.pop(key, None)
     msg, train = request.msg, request.train
     assert train is not None  # the advertise request always carries one (SecAggRequest.read)
-    params, node = SecAggParams.from_message(msg), message.metadata.dst_node_id  # malformed: no reply
+    params = SecAggParams.from_message(msg)  # malformed: no reply
     ready: dict[str, Any] = {}
 
     def refused(cfg: CampaignConfig) -> str | None:
@@ -158,26 +236,39 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
             ready["reply"] = client.handle(msg)
         except SecAggError as exc:
             return f"secure aggregation: {exc}"
-        ready.update(client=client, identity=identity, quant=quant)
+        ready.update(client=client, identity=identity, quant=quant, seed=cfg.campaign.seed)
         return None
 
-    update = trainer(message, train, context, refuse=refused)
+    weight_max = float(msg[SECAGG_WEIGHT_MAX])
+    run = functools.partial(trainer, message, train, context, refuse=refused)
+    job = _Job(node, params.round_id, weight_max) if _BACKGROUND else None
+    update = run() if job is None else job.start(run)
     if isinstance(update, Message):
         return update
-    if "client" not in ready and (reason := refused(update.cfg)) is not None:  # a trainer that skipped the hook
-        raise SecAggPolicyError(reason)
-    cfg, client, identity, quant, reply = update.cfg, ready["client"], ready["identity"], ready["quant"], ready["reply"]
-    ratio = min(1.0, float(update.report.num_examples) / float(msg[SECAGG_WEIGHT_MAX]))
-    vector = encode_update(update.start, update.end, ratio, quant.clip)
+    if update is None:  # training goes on in the background (it passed every check); masked_input collects it
+        assert job is not None and job.who is not None
+        _JOBS[node], who = job, job.who
+    else:
+        if "client" not in ready and (reason := refused(update.cfg)) is not None:  # a trainer that skipped the hook
+            raise SecAggPolicyError(reason)
+        _store_update(context, update, weight_max)
+        who = update.who
+    client, identity = ready["client"], ready["identity"]
     context.state[STATE] = ConfigRecord(client.export_state())
-    context.state[META] = ConfigRecord({"seed": cfg.campaign.seed})
+    context.state[META] = ConfigRecord({"seed": ready["seed"], "round": params.round_id})
+    answer = SecAggReply({**ready["reply"], SECAGG_IDENTITY: identity_public_bytes(identity)}, contributor=who)
+    return Message(content=answer.content(), reply_to=message)
+
+
+def _store_update(context: Context, update: LocalUpdateLike, weight_max: float) -> None:
+    """Keep the trained update, encoded for masking, and what the masked input reports, until ``masked_input``."""
+    ratio = min(1.0, float(update.report.num_examples) / weight_max)
+    vector = encode_update(update.start, update.end, ratio, quant_config(update.cfg).clip)
     context.state[UPDATE] = ArrayRecord({"x": Array(vector)})
     context.state[REPORT] = update.report.to_record()
     context.state[WHO] = update.who.to_record()
     if update.work is not None:
         context.state[WORK_STATE] = update.work.to_record()
-    answer = SecAggReply({**reply, SECAGG_IDENTITY: identity_public_bytes(identity)}, contributor=update.who)
-    return Message(content=answer.content(), reply_to=message)
 
 
 def _continue(stage: str, message: Message, context: Context, request: dict[str, Any]) -> Message:
@@ -186,6 +277,14 @@ def _continue(stage: str, message: Message, context: Context, request: dict[str,
         raise SecAggProtocolError(f"{stage} request but no secure-aggregation round in progress on this node")
     identity = identity_key(context, int(context.state[META]["seed"]))
     client = SecAggClient.restore(dict(context.state[STATE]), identity, rng=np.random.default_rng())
+    if stage == MASKED_INPUT and UPDATE not in context.state:  # trained in the background since advertise
+        job = _JOBS.pop(message.metadata.dst_node_id, None)
+        if job is None or job.round_id != int(context.state[META]["round"]):
+            raise SecAggProtocolError("masked_input request but this node trained nothing for this round")
+        update = job.result()  # what the training raised, if it failed: no reply, a dropout the protocol recovers
+        if isinstance(update, Message):  # unreachable: a trainer declines only before training starts
+            raise SecAggProtocolError("masked_input request but this node declined the round")
+        _store_update(context, update, job.weight_max)
     vector = context.state[UPDATE]["x"].numpy() if stage == MASKED_INPUT else None
     answer = SecAggReply(client.handle(request, vector))
     if stage == MASKED_INPUT:

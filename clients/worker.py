@@ -518,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.install_signal_handlers()
     start = time.perf_counter()
     worker.handler()  # imports fedtune's ClientApp (torch, transformers, peft) once, before the first task
+    from fedtune.clients.secagg_client import train_in_background
+
+    train_in_background(True)  # this process serves every stage of its node: SecAgg+ keys overlap training
     log.info(
         "worker %d ready in %.1f s (%d threads), serving %s",
         os.getpid(),

@@ -4,8 +4,10 @@
 ``[secure_aggregation] protocol = "secagg+"``. One secure round is six message exchanges, one per stage of
 :mod:`fedtune.secagg.protocol` (messages: :class:`fedtune.wire.SecAggRequest` / :class:`fedtune.wire.SecAggReply`);
 the message type ``train.secagg_<stage>`` routes each to the ClientApp handler of that stage
-(:mod:`fedtune.clients.secagg_client`). Local training happens in the first (``advertise``) stage, so a
-secure round costs five extra round trips of small messages and nothing else. The protocol's docstring says what
+(:mod:`fedtune.clients.secagg_client`). Local training starts in the first (``advertise``) stage; a resident
+worker answers it at once and trains while ``view`` and ``share_keys`` go by (its ``masked_input`` reply carries the
+update when training ends), so a deployed secure round costs two extra round trips of small messages after
+training: ``consistency`` and ``unmask``. The protocol's docstring says what
 it guarantees against this coordinator; this driver is the honest coordinator's side: it sizes k and t for the
 contributors' default policy (:func:`~fedtune.secagg.campaign.round_degree`), names contributors caught cheating
 (their share dropped, the round completed with the good ones; no credit for them), and refuses to apply an
@@ -41,8 +43,10 @@ Identity registry (trust on first use)
     which ``SecAggClient(pinned=...)`` checks). SecAgg+ client ids are the Flower node ids.
 
 Timeouts
-    The ``advertise`` stage includes local training, so it waits ``[federation] round_timeout_s``; the five
-    protocol-only stages wait ``[secure_aggregation] stage_timeout_s`` each (see
+    Local training ends before a contributor answers ``advertise`` (simulation, a process per message) or before it
+    answers ``masked_input`` (a resident worker trains in the background from ``advertise`` on, while it answers
+    ``view`` and ``share_keys``), so those two stages wait ``[federation] round_timeout_s``; the four others wait
+    ``[secure_aggregation] stage_timeout_s`` each (see
     :func:`~fedtune.strategies.driver.send_and_receive` for why the drivers poll the grid themselves). A node
     that does not answer in time, or answers with an error or an invalid message, is out of the round from
     then on; SecAgg+ recovers its masks as long as at least ``t`` of its neighbours remain.
@@ -201,9 +205,8 @@ class SecureRound:
         stage_s: dict[str, float],
     ) -> dict[int, SecAggReply]:
         """Send one stage's requests and return the well-formed replies; everyone else is out."""
-        timeout = (
-            self.cfg.federation.round_timeout_s if stage == ADVERTISE else self.cfg.secure_aggregation.stage_timeout_s
-        )
+        training = stage in (ADVERTISE, MASKED_INPUT)  # contributors' training ends in one of them (see Timeouts)
+        timeout = self.cfg.federation.round_timeout_s if training else self.cfg.secure_aggregation.stage_timeout_s
         messages = [
             Message(
                 content=r.content(),

@@ -65,8 +65,9 @@ Integration
 
 Pitfalls
     Dropouts between ``advertise`` and ``share_keys`` (one short exchange) abort the round by design (see 2.):
-    train before ``advertise`` replies. Share evaluation points are positions in the signed view, not in the
-    claimed cohort. The view digest binds every later signature, AEAD and mask key to this round's members.
+    train before ``advertise`` replies, or keep answering ``view`` and ``share_keys`` while training. Share
+    evaluation points are positions in the signed view, not in the claimed cohort. The view digest binds every
+    later signature, AEAD and mask key to this round's members.
 """
 
 from __future__ import annotations

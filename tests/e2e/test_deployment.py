@@ -363,6 +363,8 @@ def test_private_secure_campaign_survives_a_coordinator_restart(tmp_path: Path) 
     stages = tuple(secagg_message_type(stage) for stage in STAGES)
     for c in fed.contributors:  # every SecAgg+ stage of every round served by the one process that built the model
         assert_one_resident_process(c, stages=stages, rounds=2)
+        trained = [r for r in contributor_rounds(c) if not r.get("declined")]  # trained in the background, while
+        assert all(r["thread"].startswith("secagg-train-") for r in trained), trained  # it answered view, share_keys
 
 
 # ------------------------------------------------------------------------------ foreign app bundles

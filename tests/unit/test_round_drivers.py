@@ -232,3 +232,54 @@ def test_the_deployed_serverapp_retries_reply_objects_soon() -> None:
         assert isinstance(tuned, functools.partial) and tuned.func is original and tuned.keywords == REPLY_OBJECT_PULL
     finally:
         http_grid.pull_objects = original
+
+
+def test_a_resident_worker_answers_view_and_share_keys_while_it_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the background mode every training ends only after its node answered ``share_keys`` (without the mode
+    it would wait in ``advertise`` and time out), declines still go out at ``advertise``, a training that fails
+    after it started is a dropout at ``masked_input``, and the sum is the same as with training in ``advertise``."""
+    import threading
+
+    from fedtune.clients import secagg_client
+    from fedtune.wire import secagg_message_type
+
+    monkeypatch.setattr(secagg_client, "_BACKGROUND", True)
+    shared = {node: threading.Event() for node in NODES}
+    overlapped: dict[int, bool] = {}
+
+    def trainer(message: Message, request: TrainRequest, context: Context, refuse: Any, on_train: Any = None) -> Any:
+        p, cfg = int(context.node_config["partition-id"]), request.campaign()
+        if p == 5 or refuse(cfg) is not None:
+            return Message(Decline("privacy budget spent", who(p), epsilon=2.0).content(), reply_to=message)
+        if on_train is not None:
+            on_train(who(p))
+        overlapped[p] = shared[context.node_id].wait(timeout=2.0)
+        if p == 6:
+            raise RuntimeError(f"contributor {p} ran out of memory")
+        start = request.tensors()
+        end = {k: v + delta(p, v) for k, v in start.items()}
+        return LocalUpdate(cfg, start, end, TrainReport(12, 3, 3.0, epsilon=0.5), who(p))
+
+    inner = ClientApp()
+    register_handlers(inner, trainer)
+
+    def app(message: Message, context: Context) -> Message:
+        reply = inner(message, context)
+        if message.metadata.message_type == secagg_message_type("share_keys"):
+            shared[context.node_id].set()
+        return reply
+
+    cfg = campaign(True)
+    grid = InProcessGrid(app, {node: {"partition-id": p} for node, p in NODES.items() if p != 7})  # type: ignore[arg-type]
+    result = SecureRound(cfg, tmp_path).run(grid, build_strategy(cfg, N), TrainRequest.of(cfg, "fingerprint", 1, START))
+    fates = by_partition(result)
+    assert overlapped == {p: True for p in range(7) if p != 5}
+    assert fates[5] == ("declined", "privacy budget spent")
+    assert fates[6][0] == "failed" and "masked_input" in fates[6][1] and "ran out of memory" in fates[6][1]
+    assert {p for p, (s, _) in fates.items() if s == "included"} == set(range(5)) and result.applied
+    assert not secagg_client._JOBS  # nothing left behind in the worker
+    exact = {k: v + np.mean([delta(p, v) for p in range(5)], axis=0) for k, v in START.items()}
+    for k, v in exact.items():
+        np.testing.assert_allclose(result.arrays[k], v, atol=2e-4)
