@@ -100,7 +100,7 @@ class LocalUpdateLike(Protocol):
 
 
 Trainer = Callable[..., "LocalUpdateLike | Message"]
-"""``trainer(message, request, context, refuse=...)``: :func:`fedtune.clients.app.local_update`."""
+"""``trainer(message, request, context, refuse=..., on_train=...)``: :func:`fedtune.clients.app.local_update`."""
 
 
 class _Job:
@@ -134,9 +134,12 @@ class _Job:
         self.who = who
         self._started.set()
 
+    def wait(self) -> None:
+        self._done.wait()
+
     def result(self) -> LocalUpdateLike | Message:
         """Wait for the training to end; its update (or decline), or what it raised."""
-        self._done.wait()
+        self.wait()
         if self._error is not None:
             raise self._error
         assert self._outcome is not None
@@ -157,11 +160,10 @@ def train_in_background(enabled: bool) -> None:
     _BACKGROUND = enabled
 
 
-def settle_background_training(node: int | None = None) -> None:
-    """Wait for, then forget, the background training of ``node`` (every node's when None), whatever its end."""
-    for key in [k for k in _JOBS if node is None or k == node]:
-        job = _JOBS.pop(key)
-        job._done.wait()
+def _settle(node: int) -> None:
+    """Wait for, then forget, ``node``'s background training of an earlier round, whatever its end."""
+    if (job := _JOBS.pop(node, None)) is not None:
+        job.wait()
 
 
 def register_secagg_handlers(app: ClientApp, trainer: Trainer) -> None:
@@ -216,7 +218,7 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
     and ``masked_input`` waits for it. Elsewhere (simulation, a process per message) training finishes first.
     """
     node = message.metadata.dst_node_id
-    settle_background_training(node)  # a previous round's training never runs beside this one's
+    _settle(node)  # a previous round's training never runs beside this one's
     for key in (STATE, META, UPDATE, REPORT, WHO, WORK_STATE):  # leftovers of an aborted round
         context.state.pop(key, None)
     msg, train = request.msg, request.train
@@ -236,7 +238,7 @@ def _advertise(message: Message, context: Context, request: SecAggRequest, train
             ready["reply"] = client.handle(msg)
         except SecAggError as exc:
             return f"secure aggregation: {exc}"
-        ready.update(client=client, identity=identity, quant=quant, seed=cfg.campaign.seed)
+        ready.update(client=client, identity=identity, seed=cfg.campaign.seed)
         return None
 
     weight_max = float(msg[SECAGG_WEIGHT_MAX])

@@ -283,3 +283,21 @@ def test_a_resident_worker_answers_view_and_share_keys_while_it_trains(
     exact = {k: v + np.mean([delta(p, v) for p in range(5)], axis=0) for k, v in START.items()}
     for k, v in exact.items():
         np.testing.assert_allclose(result.arrays[k], v, atol=2e-4)
+
+
+def test_in_the_background_mode_fedtunes_contributors_still_decline_before_sending_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator sending a foreign base to resident workers gets declines at ``advertise``, no keys and no
+    background training: ``local_update`` starts training (``on_train``) only after its last check."""
+    from fedtune.clients import secagg_client
+    from fedtune.clients.app import app
+
+    monkeypatch.setattr(secagg_client, "_BACKGROUND", True)
+    cfg = campaign(True)
+    nodes = {node: {"partition-id": p} for node, p in NODES.items() if p < 3}
+    grid = InProcessGrid(app, nodes)
+    result = SecureRound(cfg, tmp_path).run(grid, build_strategy(cfg, 3), TrainRequest.of(cfg, "0" * 64, 1, START))
+    assert {o.status for o in result.outcomes} == {"declined"} and not result.applied
+    assert all("fingerprint" in o.reason for o in result.outcomes)
+    assert not secagg_client._JOBS and set(result.extra["secagg_stage_s"]) == {"advertise"}
