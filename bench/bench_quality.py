@@ -23,6 +23,8 @@ Usage::
 
     nice python bench/bench_quality.py --rank 8 --out bench-quality.json     # about 15-20 min on 2 busy cores
 
+``--central-batch 64 --central-lrs 0.00125,0.0025`` runs only the centralized A+B reference at batch 64.
+
 Goals stated in the issue: FFA default (2r) ≥ 0.90 of centralized; with DP at ε = 8 ≥ 0.60.
 """
 
@@ -126,7 +128,19 @@ def main() -> None:
         "--central-lrs", default="0.00125,0.0025,0.005,0.0075", help="centralized learning rates, comma-separated"
     )
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--central-batch",
+        type=int,
+        help="only the centralized A+B LoRA reference, at this batch size (the reference of a DP run that takes "
+        "a larger batch sees as many examples); prints its drop by learning rate",
+    )
     args = parser.parse_args()
+    if args.central_batch:
+        cfg = load_config(args.config)
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, batch_size=args.central_batch))
+        lrs = [float(x) for x in args.central_lrs.split(",")]
+        print(json.dumps(best_centralized(with_lora(cfg, "lora", args.rank), args.threads, lrs)))
+        return
 
     from fedtune.preflight import check_campaign
 
