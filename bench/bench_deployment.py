@@ -13,7 +13,10 @@ path fedtune had before the resident worker. Round figures are medians over roun
 (``wall_s``: the whole round at the coordinator, evaluation and checkpoint included; ``round_trip_s``: sending
 the round to the last reply). Round 1 also waits for contributors to connect and builds their models: the cold start,
 reported once per campaign, with each contributor's ``model_loads`` and its worker's model build time
-(``STATE_DIR/worker.json``). Every wait is bounded (``--timeout``).
+(``STATE_DIR/worker.json``). Every wait is bounded (``--timeout``). Each deployed run also reports the CPU seconds
+its processes used, by role (``cpu_s``: SuperLink, ServerApp, the ``coordinate`` process with its TLS front,
+SuperNodes, workers, ``join`` agents; sampled from ``/proc`` every 0.5 s, so a process that lived less than that
+may be missed): on a host where the protocol shares the cores with the trainers, that is where the time goes.
 
     python bench/bench_deployment.py [--contributors 2] [--rounds 4] [--steps 20] [--before] [--out results.json]
 """
@@ -30,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +118,62 @@ def run_simulated(root: Path, config: Path, timeout_s: float) -> dict[str, Any]:
     return summary("simulated", rows(run_dir), {"campaign_s": time.perf_counter() - start})
 
 
+ROLES = (
+    ("fedtune.deploy.warden", "warden"),
+    ("flower-superlink", "superlink"),
+    ("flwr-serverapp", "serverapp"),
+    ("flower-superexec", "superexec"),
+    ("fedtune.clients.worker supernode", "supernode"),
+    ("fedtune.clients.worker", "worker"),
+    ("fedtune.cli coordinate", "coordinate"),
+    ("fedtune.cli join", "join"),
+)
+
+
+class CpuSampler:
+    """Cumulative CPU seconds of the bench's processes and all their descendants, by role."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.roots: set[int] = set()
+        self.seen: dict[int, tuple[str, float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, interval_s: float) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.wait(interval_s):
+            stats: dict[int, list[str]] = {}
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError, IndexError):
+                        stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            for pid, fields in stats.items():
+                up, hops = pid, 0
+                while up not in self.roots and up in stats and hops < 64:
+                    up, hops = int(stats[up][1]), hops + 1  # field 4 of stat: the parent
+                if up not in self.roots:
+                    continue
+                with contextlib.suppress(OSError):
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    if not cmd and pid in self.seen:  # exited, not reaped yet: keep what it was
+                        cmd = self.seen[pid][2]
+                    role = next((r for key, r in ROLES if key in cmd), "other")
+                    self.seen[pid] = (role, (int(fields[11]) + int(fields[12])) / tick, cmd[:160])
+
+    def by_role(self) -> dict[str, float]:
+        total: Counter[str] = Counter()
+        for role, cpu, _ in self.seen.values():
+            total[role] += cpu
+        return {role: round(cpu, 1) for role, cpu in sorted(total.items())}
+
+
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -148,10 +209,13 @@ def run_deployed(
                 start_new_session=True,
             )
         procs.append(p)
+        sampler.roots.add(p.pid)
         return p
 
     states = []
     start = time.perf_counter()
+    sampler = CpuSampler()
+    sampler.start()
     try:
         for i in range(contributors):
             state = base / f"c{i}"
@@ -182,6 +246,7 @@ def run_deployed(
     finally:
         for p in reversed(procs):
             stop_group(p)
+        sampler.stop()
     workers = []
     for state in states:
         with contextlib.suppress(OSError, ValueError):
@@ -201,6 +266,8 @@ def run_deployed(
             "model_loads_per_contributor": loads,
             "worker_model_build_s": [w.get("build_model_s") for w in workers],
             "worker_tasks": [w.get("tasks") for w in workers],
+            "cpu_s": sampler.by_role(),
+            "cpu_processes": sorted(([round(c, 1), cmd] for _, c, cmd in sampler.seen.values()), reverse=True),
         },
     )
 
@@ -236,7 +303,10 @@ def main() -> None:
             results["simulated"] = run_simulated(root, plain, args.timeout)
         print(json.dumps(results["simulated"]), flush=True)
         if args.secagg_only:
-            print(json.dumps(run_deployed(root, "deployed-secagg", secure, n, args.timeout)), flush=True)
+            results["deployed-secagg"] = run_deployed(root, "deployed-secagg", secure, n, args.timeout)
+            print(json.dumps(results["deployed-secagg"]), flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps({"results": results}, indent=2))
             return
         results["deployed"] = run_deployed(root, "deployed", plain, n, args.timeout)
         print(json.dumps(results["deployed"]), flush=True)
@@ -267,6 +337,9 @@ def main() -> None:
     print()
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
+    for key, res in results.items():
+        if "cpu_s" in res:
+            print(f"{key} CPU s by role (whole campaign): {res['cpu_s']} = {sum(res['cpu_s'].values()):.1f}")
     if "deployed-before" in results:
         print(f"before_over_resident_wall: {results['deployed-before']['wall_s'] / dep['wall_s']:.3f}")
     if args.out:
