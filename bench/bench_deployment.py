@@ -147,22 +147,16 @@ class CpuSampler:
         self._thread.join()
 
     def _run(self, interval_s: float) -> None:
+        from fedtune.deploy.warden import descendants
+
         tick = os.sysconf("SC_CLK_TCK")
         while not self._stop.wait(interval_s):
-            stats: dict[int, list[str]] = {}
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    with contextlib.suppress(OSError, IndexError):
-                        stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            for pid, fields in stats.items():
-                up, hops = pid, 0
-                while up not in self.roots and up in stats and hops < 64:
-                    up, hops = int(stats[up][1]), hops + 1  # field 4 of stat: the parent
-                if up not in self.roots:
-                    continue
-                with contextlib.suppress(OSError):
+            roots = set(self.roots)
+            for pid in roots | descendants(*roots):
+                with contextlib.suppress(OSError, IndexError):
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    if not cmd and pid in self.seen:  # exited, not reaped yet: keep what it was
+                    if not cmd and pid in self.seen:  # exited since the table was read: keep what it was
                         cmd = self.seen[pid][2]
                     role = next((r for key, r in ROLES if key in cmd), "other")
                     self.seen[pid] = (role, (int(fields[11]) + int(fields[12])) / tick, cmd[:160])

@@ -135,23 +135,21 @@ def main() -> None:
         "a larger batch sees as many examples); prints its drop by learning rate",
     )
     args = parser.parse_args()
+    cfg = load_config(args.config)
+    lrs = [float(x) for x in args.central_lrs.split(",")]
     if args.central_batch:
-        cfg = load_config(args.config)
         cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, batch_size=args.central_batch))
-        lrs = [float(x) for x in args.central_lrs.split(",")]
         print(json.dumps(best_centralized(with_lora(cfg, "lora", args.rank), args.threads, lrs)))
         return
 
     from fedtune.preflight import check_campaign
 
-    cfg = load_config(args.config)
     points = variants(args.rank, args.epsilon)
     sweep = Sweep(Path(args.config), [], Path(args.work).resolve(), {}, explicit=points)
     started = time.perf_counter()
     rc = run_sweep(sweep, check=check_campaign)
     fed_s = time.perf_counter() - started
 
-    lrs = [float(x) for x in args.central_lrs.split(",")]
     refs = {
         f"central lora-r{args.rank}": best_centralized(with_lora(cfg, "lora", args.rank), args.threads, lrs),
         f"central ffa-r{2 * args.rank}": best_centralized(with_lora(cfg, "ffa", 2 * args.rank), args.threads, lrs),

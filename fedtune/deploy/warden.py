@@ -56,13 +56,13 @@ def _process_table() -> list[tuple[int, int, int]]:
     return table
 
 
-def descendants(root: int) -> set[int]:
-    """Pids of every live process below ``root``."""
+def descendants(*roots: int) -> set[int]:
+    """Pids of every live process below any of ``roots`` (one read of the process table)."""
     children: dict[int, list[int]] = {}
     for pid, ppid, _group in _process_table():
         children.setdefault(ppid, []).append(pid)
     found: set[int] = set()
-    todo = [root]
+    todo = list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
             if child not in found:
