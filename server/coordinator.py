@@ -30,7 +30,6 @@ first file is written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -47,6 +46,7 @@ from typing import TextIO
 from fedtune.config import CampaignConfig, ConfigError
 from fedtune.console import campaign_round_line
 from fedtune.deploy.bundle import COMPONENTS, write_shim
+from fedtune.deploy.control import ControlClient
 from fedtune.deploy.front import FrontServer
 from fedtune.deploy.home import CoordinatorHome, HomeError, ensure_home, home_path
 from fedtune.deploy.keys import read_allow_list
@@ -143,6 +143,7 @@ class Coordinator:
     link: subprocess.Popen[bytes] | None = None
     superexec: subprocess.Popen[bytes] | None = None
     front: FrontServer | None = None
+    control: ControlClient | None = None
     private_port: int = 0
     run_id: int | None = None
     run_key: str = field(default_factory=new_run_key, repr=False)
@@ -299,6 +300,7 @@ class Coordinator:
         log = self.root / "superlink.log"
         self.link = start_warded(self.superlink_command(), self.env(), log, self.root, SUPERLINK_GRACE_S)
         wait_for_port(LOOPBACK, self.private_port, timeout_s, self.link)
+        self.control = ControlClient(f"{LOOPBACK}:{self.private_port}", self.ca)
         self.superexec = start_warded(
             self.superexec_command(), self.env(run_key=True), log, self.root, SUPEREXEC_GRACE_S
         )
@@ -337,6 +339,9 @@ class Coordinator:
                     f"(first: {refused.first})",
                     file=self.out,
                 )
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         stop_warded(self.superexec, SUPEREXEC_GRACE_S)
         stop_warded(self.link, SUPERLINK_GRACE_S)
 
@@ -389,29 +394,22 @@ class Coordinator:
         A restarted coordinator always submits a fresh run, which resumes from the run dir's checkpoints;
         an old run left going would write to the same run dir (and could not pass this session's run key).
         """
-        res = self.flwr("ls", CONNECTION, "--format", "json", timeout_s=60.0)
-        try:
-            runs = json.loads(res.stdout).get("runs", [])
-        except json.JSONDecodeError:
-            return []
+        assert self.control is not None, "start() first"
         stale = [
-            int(r["run-id"])
-            for r in runs
-            if r.get("fab-id") == f"fedtune/{APP_NAME}" and not str(r.get("status", "")).startswith(FINISHED)
+            run.run_id
+            for run in self.control.runs() or []
+            if run.fab_id == f"fedtune/{APP_NAME}" and not run.status.startswith(FINISHED)
         ]
         for run_id in stale:
-            self.flwr("stop", str(run_id), CONNECTION, timeout_s=60.0)
+            self.control.stop(run_id)
             print(f"stopped run {run_id} left over from a previous coordinator", file=self.out)
         return stale
 
     def run_status(self) -> str | None:
         """The run's status as the SuperLink reports it (``pending``, ``running``, ``finished:completed``…)."""
-        if self.run_id is None:
+        if self.run_id is None or self.control is None:
             return None
-        res = self.flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json", timeout_s=60.0)
-        with contextlib.suppress(json.JSONDecodeError, KeyError, IndexError, TypeError):
-            return str(json.loads(res.stdout)["runs"][0]["status"])
-        return None
+        return self.control.status(self.run_id)
 
 
 def coordinate(
