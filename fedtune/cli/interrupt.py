@@ -1,4 +1,4 @@
-"""Ctrl-C for long-running commands: stop within seconds, children included, and say how to carry on.
+"""Ctrl-C (and SIGTERM) for long-running commands: stop within seconds, children included, and say how to carry on.
 
 A terminal sends SIGINT to the whole foreground process group: the fedtune process, and Ray's GCS server,
 raylet, agents and workers that ``fedtune simulate`` started. Left to themselves, Flower's simulation engine
@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Iterator
 
 _PR_SET_CHILD_SUBREAPER = 36
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RAY_FAILURE_HANDLER_ENV = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
 
 
 def become_subreaper() -> bool:
@@ -62,14 +64,20 @@ def stop_descendants(grace_s: float = 2.0, rounds: int = 3) -> None:
 
 @contextlib.contextmanager
 def stop_on_interrupt(farewell: Callable[[], str]) -> Iterator[None]:
-    """While inside: on SIGINT print ``farewell()``, stop every descendant, exit 130.
+    """While inside: on SIGINT or SIGTERM print ``farewell()``, stop every descendant, exit 128 + the signal.
 
-    SIGTERM is left alone: ``ray.init`` installs its own handler for it in the driver.
+    SIGTERM is what a batch scheduler, ``systemd`` or ``kill`` sends; it gets the same clean stop as Ctrl-C. Ray
+    would otherwise take it over: ``ray.init`` replaces the SIGTERM handler of the process that starts it with one
+    that raises ``SystemExit``, which unwinds the main thread while Flower's ServerApp thread waits on for replies
+    from actors that are gone (the process hangs at interpreter shutdown), and its C++ failure-signal handler dumps
+    a stack trace. So, inside, Ray's ``set_sigterm_handler`` does nothing and ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER``
+    is set.
     """
     become_subreaper()
 
     def handler(signum: int, _frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the stopping
+        for sig in STOP_SIGNALS:  # a second signal must not interrupt the stopping
+            signal.signal(sig, signal.SIG_IGN)
         try:
             line = farewell()
         except Exception as exc:  # the farewell reads the run dir; never let it hide the exit
@@ -81,8 +89,33 @@ def stop_on_interrupt(farewell: Callable[[], str]) -> Iterator[None]:
             os.write(sys.stderr.fileno(), f"{show_cursor}\n{line}\n".encode())
             os._exit(128 + signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    with _ray_keeps_off_sigterm():
+        try:
+            yield
+        finally:
+            for sig, before in previous.items():
+                signal.signal(sig, before)
+
+
+@contextlib.contextmanager
+def _ray_keeps_off_sigterm() -> Iterator[None]:
+    """Ray's ``set_sigterm_handler`` a no-op and its failure-signal handler off while inside (if Ray is installed)."""
+    env_before = os.environ.get(RAY_FAILURE_HANDLER_ENV)
+    os.environ[RAY_FAILURE_HANDLER_ENV] = "1"
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
+        ray_utils = None
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is not None:
+        ray_utils.set_sigterm_handler = lambda _handler: None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if setter is not None:
+            ray_utils.set_sigterm_handler = setter
+        if env_before is None:
+            os.environ.pop(RAY_FAILURE_HANDLER_ENV, None)
+        else:
+            os.environ[RAY_FAILURE_HANDLER_ENV] = env_before

@@ -1,5 +1,5 @@
 """End to end: Ctrl-C on a running ``fedtune simulate`` (sent to its process group, as a terminal does) and
-``--resume`` to the end; ``--resume`` of a damaged run dir; a campaign whose every contributor fails."""
+``--resume`` to the end; SIGTERM to the process alone (``kill``, a batch scheduler); ``--resume`` of a damaged run dir; a campaign whose every contributor fails."""
 
 from __future__ import annotations
 
@@ -39,10 +39,12 @@ def group_gone(pgid: int, timeout_s: float) -> bool:
     return False
 
 
-def test_ctrl_c_stops_the_run_and_resume_finishes_it(campaigns: Campaigns) -> None:
-    config = campaigns.write("interrupted", small_campaign(federation={"rounds": 4}))
-    run = RunDir(campaigns.root / "interrupted")
-    err_file = campaigns.root / "interrupted.err"
+def interrupt_after_round_1(campaigns: Campaigns, name: str, sig: signal.Signals, group: bool) -> tuple[RunDir, str]:
+    """Start ``fedtune simulate``, send ``sig`` (to its process group, or to it alone) once Ray is busy with
+    round 2; check it stops promptly with status 128 + ``sig`` and nothing left running; return its last line."""
+    config = campaigns.write(name, small_campaign(federation={"rounds": 4}))
+    run = RunDir(campaigns.root / name)
+    err_file = campaigns.root / f"{name}.err"
     with err_file.open("wb") as err, open(os.devnull, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run.root)],
@@ -53,17 +55,34 @@ def test_ctrl_c_stops_the_run_and_resume_finishes_it(campaigns: Campaigns) -> No
         try:
             wait_for_rounds(run, proc, 2)  # round 0 and round 1 recorded, Ray busy with round 2
             sent = time.monotonic()
-            os.killpg(proc.pid, signal.SIGINT)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             code = proc.wait(timeout=60)
             stopped_s = time.monotonic() - sent
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 130
-    assert stopped_s < 15, f"Ctrl-C took {stopped_s:.1f} s"
-    assert group_gone(proc.pid, 10), "Ray processes outlived fedtune simulate"
-    last = err_file.read_text().strip().splitlines()[-1]
+    assert code == 128 + sig, err_file.read_text()[-3000:]
+    assert stopped_s < 15, f"{sig.name} took {stopped_s:.1f} s"
+    assert group_gone(proc.pid, 10), f"Ray processes outlived fedtune simulate after {sig.name}"
+    text = err_file.read_text()
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]  # Ray's handlers stayed off
+    last = text.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and "--resume" in last and str(run.root) in last, last
+    return run, last
+
+
+def test_sigterm_stops_the_run_like_ctrl_c(campaigns: Campaigns) -> None:
+    """``kill PID`` (a batch scheduler, systemd): Ray used to take SIGTERM over, and the process then hung with its
+    ServerApp thread waiting on actors that were gone, after a C++ stack dump."""
+    run, _ = interrupt_after_round_1(campaigns, "terminated", signal.SIGTERM, group=False)
+    assert len(run.read_metrics()) >= 2
+
+
+def test_ctrl_c_stops_the_run_and_resume_finishes_it(campaigns: Campaigns) -> None:
+    run, last = interrupt_after_round_1(campaigns, "interrupted", signal.SIGINT, group=True)
     completed = run.metrics.read_bytes().splitlines(keepends=True)
     assert len(completed) >= 2
 
