@@ -1,5 +1,6 @@
 """End to end: Ctrl-C on a running ``fedtune simulate`` (sent to its process group, as a terminal does) and
-``--resume`` to the end; SIGTERM to the process alone (``kill``, a batch scheduler); ``--resume`` of a damaged run dir; a campaign whose every contributor fails."""
+``--resume`` to the end; SIGTERM to the process alone (``kill``, a batch scheduler); ``--resume`` of a damaged
+run dir; a campaign whose every contributor fails."""
 
 from __future__ import annotations
 
