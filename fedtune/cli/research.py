@@ -25,7 +25,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedtune.cli.simulate import _overrides
     from fedtune.config import load_config
     from fedtune.preflight import check_campaign
-    from fedtune.research.sweep import Sweep, parse_axis, run_sweep
+    from fedtune.research.sweep import Sweep, SweepInterrupted, parse_axis, run_sweep
 
     axes = [parse_axis(spec, args.config) for spec in args.set or []]
     if len({a.name for a in axes}) != len(axes):
@@ -36,7 +36,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from fedtune.cli.simulate import quiet_libraries
 
         quiet_libraries()
-    return run_sweep(sweep, check=check_campaign, say=lambda line: print(line, flush=True), verbose=args.verbose)
+    try:
+        return run_sweep(sweep, check=check_campaign, say=lambda line: print(line, flush=True), verbose=args.verbose)
+    except SweepInterrupted as exc:
+        print(
+            f"interrupted: {sweep.root} keeps every finished point and the completed rounds of {exc.point.name}; "
+            "run the same command again to carry on",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + exc.signum
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ sweep folder holds::
     summary.json / .txt     the comparison table (final loss, drop, task metrics, ε, bytes, wall time)
 
 Resuming: a point whose run has every round is skipped; an interrupted one is carried on with
-``simulate --resume`` from its last completed round; the rest start fresh. Asking a folder for a different grid
+``simulate --resume`` from its last completed round; the rest start fresh. SIGINT or SIGTERM on the sweep is
+passed to the running point, which stops cleanly before the sweep exits (:class:`SweepInterrupted`): a point left
+running would write into the run dir the next sweep resumes. Asking a folder for a different grid
 is refused, so results of two grids never mix. Every point is validated (config and preflight) before the first
 one runs, so a typo in the last value costs nothing.
 
@@ -20,11 +22,14 @@ Values are TOML: ``8``, ``1e-3``, ``true``, ``"text"`` or bare words (taken as s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -214,15 +219,53 @@ class Sweep:
         with log.open("a", encoding="utf-8") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
-            if verbose:
-                return subprocess.run(cmd, check=False).returncode
-            return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+            out = None if verbose else fh
+            proc = subprocess.Popen(cmd, stdout=out, stderr=None if verbose else subprocess.STDOUT)
+            return _wait_forwarding_stop(proc, point)
 
     def summaries(self) -> list[tuple[Point, RunSummary | None]]:
         return [
             (p, summarize(self.run_dir(p)) if (self.run_dir(p) / "config.toml").is_file() else None)
             for p in self.points
         ]
+
+
+def _wait_forwarding_stop(proc: subprocess.Popen[bytes], point: Point, grace_s: float = 60.0) -> int:
+    """Wait for a point's ``simulate``; on SIGINT or SIGTERM here, stop it cleanly, then raise SweepInterrupted.
+
+    SIGTERM to the sweep alone (``kill``, a scheduler) used to end the sweep at once and leave the point's
+    ``simulate`` training on, orphaned, into a run dir the next ``fedtune sweep`` would resume beside it; Ctrl-C gave
+    it 0.25 s (``subprocess.run``) before SIGKILL cut its own clean stop short. Now the point gets SIGTERM (its
+    :func:`fedtune.cli.interrupt.stop_on_interrupt` stops Ray and keeps the completed rounds) and up to ``grace_s``.
+    """
+    got: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if not got:
+            deadline = threading.Timer(grace_s, proc.kill)  # a point that does not stop in time is killed
+            deadline.daemon = True
+            deadline.start()
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)  # after Ctrl-C it has SIGINT too; a second signal is ignored there
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()  # a signal runs ``forward`` and the wait goes on (PEP 475)
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+    if got:
+        raise SweepInterrupted(got[0], point)
+    return rc
+
+
+class SweepInterrupted(Exception):
+    """The sweep got SIGINT or SIGTERM while ``point`` ran; that point was stopped cleanly."""
+
+    def __init__(self, signum: int, point: Point) -> None:
+        super().__init__(f"signal {signum} while {point.name} ran")
+        self.signum, self.point = signum, point
 
 
 def run_sweep(

@@ -92,3 +92,50 @@ def test_sweep_resumes_and_report_compares(campaigns: Campaigns) -> None:
     assert "lora.rank" in page  # the config key in which they differ
     assert "per predicted token" in page  # the loss definition, quoted from metrics.jsonl
     assert Path(report_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_stops_a_sweep_and_its_running_point(campaigns: Campaigns) -> None:
+    """``kill`` of the sweep alone (a scheduler's time limit): the running point's ``simulate`` used to train on,
+    orphaned, into a run dir the next ``fedtune sweep`` would resume beside it."""
+    import signal
+    import time
+
+    config = campaigns.write("sweep-kill", small_campaign(federation={"rounds": 4}))
+    out = campaigns.root / "sweep-kill"
+    metrics = out / "points" / "federation.local_steps=2" / "metrics.jsonl"
+    log = campaigns.root / "sweep-kill.out"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", "sweep", str(config), "--set", "federation.local_steps=2,3"]
+            + ["--out", str(out)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            start_new_session=True,  # the sweep and its point in one group, which the test can check is empty
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # round 1 recorded
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no round 1"
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    gone = time.monotonic() + 15
+    while time.monotonic() < gone:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the point's simulate (or Ray) outlived the sweep")
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "federation.local_steps=2" in last, last
+    assert "interrupted: " in (out / "points" / "federation.local_steps=2.log").read_text()  # the point's own stop
+    assert len(RunDir(metrics.parent).read_metrics()) >= 2
