@@ -316,10 +316,7 @@ def main() -> None:
         if args.secagg_only:
             results["deployed-secagg"] = run_deployed(root, "deployed-secagg", secure, n, args.timeout, **nice)
             print(json.dumps(results["deployed-secagg"]), flush=True)
-            if args.out:
-                Path(args.out).write_text(
-                    json.dumps({"results": results, "coordinator_nice": args.coordinator_nice}, indent=2)
-                )
+            write_out(args, results)
             return
         results["deployed"] = run_deployed(root, "deployed", plain, n, args.timeout, **nice)
         print(json.dumps(results["deployed"]), flush=True)
@@ -357,9 +354,16 @@ def main() -> None:
             print(f"{key} CPU s by role (whole campaign): {res['cpu_s']} = {sum(res['cpu_s'].values()):.1f}")
     if "deployed-before" in results:
         print(f"before_over_resident_wall: {results['deployed-before']['wall_s'] / dep['wall_s']:.3f}")
+    write_out(args, results, ratios)
+
+
+def write_out(
+    args: argparse.Namespace, results: dict[str, dict[str, Any]], ratios: dict[str, float] | None = None
+) -> None:
+    """``--out``: every run's figures (and the ratios, when there are any) with the settings that change them."""
     if args.out:
-        out = {"results": results, "ratios": ratios, "coordinator_nice": args.coordinator_nice}
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        out = {"results": results, "coordinator_nice": args.coordinator_nice}
+        Path(args.out).write_text(json.dumps(out if ratios is None else {**out, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import tomli_w
 
 from fedtune.clients.policy import SIMULATION_SEED_ENV
+from fedtune.rundir import RunDir
 
 from ..conftest import small_campaign
 
@@ -70,3 +72,24 @@ def campaigns(tmp_path_factory: pytest.TempPathFactory) -> Campaigns:
 def plain_run(campaigns: Campaigns) -> Path:
     """The reference campaign: ``small_campaign()`` as it is, plain FedAvg, 2 rounds, 3 contributors."""
     return campaigns.simulate("plain")
+
+
+def wait_for_rounds(run_dir: RunDir, proc: subprocess.Popen[bytes], rounds: int, timeout_s: float = 600) -> None:
+    """Until ``run_dir`` has ``rounds`` metrics lines, while ``proc`` (simulate or a sweep) keeps running."""
+    deadline = time.monotonic() + timeout_s
+    while len(run_dir.read_metrics()) < rounds:
+        assert proc.poll() is None, f"simulate ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.5)
+
+
+def group_gone(pgid: int, timeout_s: float) -> bool:
+    """Whether process group ``pgid`` empties within ``timeout_s`` (Ray's processes included)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False

@@ -16,28 +16,9 @@ from pathlib import Path
 from fedtune.rundir import RunDir
 
 from ..conftest import small_campaign
-from .conftest import Campaigns
+from .conftest import Campaigns, group_gone, wait_for_rounds
 
 FLOWER_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate", "Traceback")
-
-
-def wait_for_rounds(run_dir: RunDir, proc: subprocess.Popen[bytes], rounds: int, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(run_dir.read_metrics()) < rounds:
-        assert proc.poll() is None, f"simulate ended early with {proc.returncode}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.5)
-
-
-def group_gone(pgid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def interrupt_after_round_1(campaigns: Campaigns, name: str, sig: signal.Signals, group: bool) -> tuple[RunDir, str]:

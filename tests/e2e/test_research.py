@@ -14,7 +14,7 @@ from pathlib import Path
 from fedtune.rundir import RunDir
 
 from ..conftest import small_campaign
-from .conftest import Campaigns
+from .conftest import Campaigns, group_gone, wait_for_rounds
 
 
 def fedtune(*args: str, timeout_s: float = 900) -> subprocess.CompletedProcess[str]:
@@ -98,7 +98,6 @@ def test_sigterm_stops_a_sweep_and_its_running_point(campaigns: Campaigns) -> No
     """``kill`` of the sweep alone (a scheduler's time limit): the running point's ``simulate`` used to train on,
     orphaned, into a run dir the next ``fedtune sweep`` would resume beside it."""
     import signal
-    import time
 
     config = campaigns.write("sweep-kill", small_campaign(federation={"rounds": 4}))
     out = campaigns.root / "sweep-kill"
@@ -114,11 +113,7 @@ def test_sigterm_stops_a_sweep_and_its_running_point(campaigns: Campaigns) -> No
             start_new_session=True,  # the sweep and its point in one group, which the test can check is empty
         )
         try:
-            deadline = time.monotonic() + 600
-            while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # round 1 recorded
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no round 1"
-                time.sleep(0.5)
+            wait_for_rounds(RunDir(metrics.parent), proc, 2)  # round 0 and round 1 recorded
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=90)
         finally:
@@ -126,15 +121,7 @@ def test_sigterm_stops_a_sweep_and_its_running_point(campaigns: Campaigns) -> No
                 os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert code == 128 + signal.SIGTERM, text[-3000:]
-    gone = time.monotonic() + 15
-    while time.monotonic() < gone:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the point's simulate (or Ray) outlived the sweep")
+    assert group_gone(proc.pid, 15), "the point's simulate (or Ray) outlived the sweep"
     last = text.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and "federation.local_steps=2" in last, last
     assert "interrupted: " in (out / "points" / "federation.local_steps=2.log").read_text()  # the point's own stop
