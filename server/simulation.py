@@ -3,12 +3,20 @@
 The launcher plays the contributors' side too: it writes each virtual contributor's own policy file and tells the
 ClientApps where their state dirs are (``RUN/contributors/sim-NNN``) through the environment of this process,
 which the Ray actors inherit. No message from the ServerApp can move a contributor's state or change its policy.
+
+Threat: the network. Ray's GCS, raylet and worker servers listen on every interface of the machine, and by
+default answer anyone (ShadowRay, CVE-2023-48022: whoever reaches the ports can run code in the workers, which here
+hold every virtual contributor's shard). Ray cannot be kept on loopback (it rewrites ``127.0.0.1`` to the machine's
+address), so each simulation turns on Ray's token authentication with a fresh random token that only this process
+and the Ray processes it starts hold (:func:`private_ray_cluster`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import sys
 
 from flwr.clientapp import ClientApp
 
@@ -18,6 +26,32 @@ from fedtune.rundir import RunDir
 
 from .app import make_server_app
 from .campaign import Reporter
+
+_TOKEN: list[str] = []  # the token this process set, once set
+
+
+def private_ray_cluster() -> None:
+    """Make the Ray cluster this process starts refuse every caller without this run's token.
+
+    A new random token for each process, never one inherited or read from ``~/.ray/auth_token``: the cluster is
+    this process's alone. Ray reads its authentication mode once, when ``ray`` is first imported, so this must run
+    before that (``fedtune simulate`` calls it first thing); later calls keep the token. It fails closed: with Ray
+    already imported without token authentication it raises rather than start a cluster that answers anyone.
+    """
+    if _TOKEN and os.environ.get("RAY_AUTH_TOKEN") == _TOKEN[0]:
+        return
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        if get_authentication_mode() != AuthenticationMode.TOKEN or not os.environ.get("RAY_AUTH_TOKEN"):
+            raise RuntimeError(
+                "ray was imported before fedtune set the simulation's token: its servers would answer anyone on "
+                "the network; call fedtune.server.simulation.private_ray_cluster() before importing ray"
+            )
+        return  # token authentication on, with a token this process was given
+    _TOKEN[:] = [secrets.token_hex(32)]
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN[0])
 
 
 def simulate(
@@ -54,6 +88,7 @@ def simulate(
     contributors = run_dir.root / "contributors"
     prepare_simulated_contributors(cfg, contributors)
     os.environ[SIMULATION_STATE_ROOT_ENV] = str(contributors)  # before Ray starts: its workers inherit it
+    private_ray_cluster()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sim = cfg.simulation

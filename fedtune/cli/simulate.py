@@ -192,9 +192,11 @@ def prepare_run_dir(args: argparse.Namespace, cfg: CampaignConfig) -> tuple[RunD
 def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     run_dir, notes = prepare_run_dir(args, cfg)
+    from fedtune.server.simulation import private_ray_cluster, simulate
+
+    private_ray_cluster()  # before anything imports ray (stop_on_interrupt does)
     from fedtune.cli.interrupt import stop_on_interrupt
     from fedtune.server.failures import CampaignStopped
-    from fedtune.server.simulation import simulate
 
     print(f"run dir: {run_dir.root}", file=sys.stderr)
     for note in notes:

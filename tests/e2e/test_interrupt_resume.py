@@ -1,6 +1,7 @@
 """End to end: Ctrl-C on a running ``fedtune simulate`` (sent to its process group, as a terminal does) and
-``--resume`` to the end; SIGTERM to the process alone (``kill``, a batch scheduler); ``--resume`` of a damaged
-run dir; a campaign whose every contributor fails."""
+``--resume`` to the end, with a network caller trying the simulation's Ray servers on the way; SIGTERM to the
+process alone (``kill``, a batch scheduler); ``--resume`` of a damaged run dir; a campaign whose every contributor
+fails."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 from fedtune.rundir import RunDir
 
@@ -20,10 +24,64 @@ from .conftest import Campaigns, group_gone, wait_for_rounds
 
 FLOWER_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate", "Traceback")
 
+RAY_CALLER = r"""
+import sys
+import grpc
+from ray._raylet import GcsClient
+from ray.core.generated import node_manager_pb2, node_manager_pb2_grpc
 
-def interrupt_after_round_1(campaigns: Campaigns, name: str, sig: signal.Signals, group: bool) -> tuple[RunDir, str]:
+gcs, raylets = sys.argv[1], sys.argv[2:]
+try:
+    nodes = GcsClient(address="127.0.0.1:" + gcs).get_all_node_info(timeout=10)
+    print("gcs answered:", len(nodes), "nodes")
+except Exception as exc:
+    print("gcs refused:", type(exc).__name__)
+for port in raylets:
+    try:
+        stub = node_manager_pb2_grpc.NodeManagerServiceStub(grpc.insecure_channel("127.0.0.1:" + port))
+        stats = stub.GetNodeStats(node_manager_pb2.GetNodeStatsRequest(), timeout=10)
+        print("raylet answered:", len(stats.core_workers_stats), "workers")
+    except grpc.RpcError as exc:
+        print("raylet refused:", exc.code().name)
+"""
+
+
+def call_ray_without_the_token(proc: subprocess.Popen[bytes]) -> None:
+    """The network as adversary: a caller that reaches the simulation's Ray ports (they listen on every interface;
+    here through loopback) without its token must get nothing, from the GCS (the cluster's control plane: nodes,
+    jobs, the function table) nor from the raylet (workers, their stats, leases to run code)."""
+    listening: dict[str, set[int]] = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            for conn in child.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.setdefault(child.name(), set()).add(conn.laddr.port)
+        except psutil.Error:
+            continue
+    assert listening.get("gcs_server") and listening.get("raylet"), listening
+    caller = subprocess.run(
+        [sys.executable, "-c", RAY_CALLER, *map(str, [min(listening["gcs_server"]), *sorted(listening["raylet"])])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+    )
+    said = caller.stdout
+    assert "answered" not in said, said + caller.stderr[-2000:]
+    assert "gcs refused: AuthenticationError" in said, said + caller.stderr[-2000:]
+    assert "raylet refused: UNAUTHENTICATED" in said, said + caller.stderr[-2000:]
+
+
+def interrupt_after_round_1(
+    campaigns: Campaigns,
+    name: str,
+    sig: signal.Signals,
+    group: bool,
+    meanwhile: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[RunDir, str]:
     """Start ``fedtune simulate``, send ``sig`` (to its process group, or to it alone) once Ray is busy with
-    round 2; check it stops promptly with status 128 + ``sig`` and nothing left running; return its last line."""
+    round 2 (after ``meanwhile``, if given); check it stops promptly with status 128 + ``sig`` and nothing left
+    running; return its last line."""
     config = campaigns.write(name, small_campaign(federation={"rounds": 4}))
     run = RunDir(campaigns.root / name)
     err_file = campaigns.root / f"{name}.err"
@@ -36,6 +94,8 @@ def interrupt_after_round_1(campaigns: Campaigns, name: str, sig: signal.Signals
         )
         try:
             wait_for_rounds(run, proc, 2)  # round 0 and round 1 recorded, Ray busy with round 2
+            if meanwhile is not None:
+                meanwhile(proc)
             sent = time.monotonic()
             if group:
                 os.killpg(proc.pid, sig)
@@ -64,7 +124,10 @@ def test_sigterm_stops_the_run_like_ctrl_c(campaigns: Campaigns) -> None:
 
 
 def test_ctrl_c_stops_the_run_and_resume_finishes_it(campaigns: Campaigns) -> None:
-    run, last = interrupt_after_round_1(campaigns, "interrupted", signal.SIGINT, group=True)
+    """Also, while it runs: its Ray servers refuse a caller without the token (:func:`call_ray_without_the_token`)."""
+    run, last = interrupt_after_round_1(
+        campaigns, "interrupted", signal.SIGINT, group=True, meanwhile=call_ray_without_the_token
+    )
     completed = run.metrics.read_bytes().splitlines(keepends=True)
     assert len(completed) >= 2
 
