@@ -16,13 +16,43 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import tomli_w
 
+from fedtune import TELEMETRY_ENV
 from fedtune.clients.policy import SIMULATION_SEED_ENV
 from fedtune.rundir import RunDir
 
 from ..conftest import small_campaign
+
+
+def launch_env() -> dict[str, str]:
+    """This process's environment for a fedtune command, less what fedtune must decide for itself (under test):
+    Flower's telemetry switch, which this process got from importing fedtune."""
+    return {k: v for k, v in os.environ.items() if k != TELEMETRY_ENV}
+
+
+def telemetry_on(pid: int) -> list[str]:
+    """The processes ``pid`` started (all descendants) that run with Flower's telemetry on (the variable not "0").
+
+    ``pid`` itself is left out: ``/proc`` shows a process's environment as it started, not what the process set
+    (fedtune sets the variable when its package is imported, before any of its modules can import Flower; a unit
+    test checks that order).
+    """
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    on = []
+    for proc in procs:
+        try:
+            env = proc.environ()
+            if "PATH" in env and env.get(TELEMETRY_ENV) != "0":  # no PATH: a process title written over it (Ray's)
+                on.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+        except psutil.Error:  # gone meanwhile
+            continue
+    return on
 
 
 @dataclass
@@ -56,7 +86,7 @@ class Campaigns:
             capture_output=True,
             text=True,
             timeout=timeout_s,
-            env={**os.environ, SIMULATION_SEED_ENV: "0", **(env or {})},
+            env={**launch_env(), SIMULATION_SEED_ENV: "0", **(env or {})},
         )
         self.last = proc
         assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -31,6 +31,7 @@ from fedtune.deploy.keys import ensure_keys
 
 from ..bundles import pyproject_text
 from ..conftest import small_campaign
+from .conftest import launch_env, telemetry_on
 
 ROUND_TIMEOUT_S = 240.0
 KILL_VICTIM = 2
@@ -108,7 +109,7 @@ def assert_one_resident_process(c: Contributor, stages: tuple[str, ...] = ("trai
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = launch_env()
     env["FLWR_HOME"] = str(flwr_home)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -285,7 +286,10 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     wait_for(lambda: fed.row(1), 300, "round 1 in metrics.jsonl")
     round1 = fed.row(1)
     assert round1 is not None and round1["participants"] == 3 and round1["applied"]
-    assert victim.proc is not None
+    assert victim.proc is not None and fed.coordinator is not None
+    for proc in (fed.coordinator, *(c.proc for c in fed.contributors)):  # SuperLink, SuperNodes, workers, ServerApp
+        assert proc is not None
+        assert not telemetry_on(proc.pid), telemetry_on(proc.pid)  # nothing reports to telemetry.flower.ai
     # the resident worker says which task it is serving: after round 1, any task in progress is round 2's
     wait_for(lambda: worker_stats(victim).get("serving"), 120, "the victim's round-2 task", interval_s=0.05)
     assert not clientapps_in_group(victim.proc.pid)  # no flwr-clientapp process per message

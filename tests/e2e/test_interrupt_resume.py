@@ -1,7 +1,7 @@
 """End to end: Ctrl-C on a running ``fedtune simulate`` (sent to its process group, as a terminal does) and
-``--resume`` to the end, with a network caller trying the simulation's Ray servers on the way; SIGTERM to the
-process alone (``kill``, a batch scheduler); ``--resume`` of a damaged run dir; a campaign whose every contributor
-fails."""
+``--resume`` to the end, with a network caller trying the simulation's Ray servers on the way; ``--resume`` of a
+damaged run dir; a campaign whose every contributor fails. SIGTERM to ``simulate`` alone (``kill``, a batch
+scheduler) is what a stopped ``fedtune sweep`` sends its running point: ``tests/e2e/test_research.py``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import psutil
 from fedtune.rundir import RunDir
 
 from ..conftest import small_campaign
-from .conftest import Campaigns, group_gone, wait_for_rounds
+from .conftest import Campaigns, group_gone, launch_env, telemetry_on, wait_for_rounds
 
 FLOWER_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate", "Traceback")
 
@@ -72,16 +72,18 @@ def call_ray_without_the_token(proc: subprocess.Popen[bytes]) -> None:
     assert "raylet refused: UNAUTHENTICATED" in said, said + caller.stderr[-2000:]
 
 
-def interrupt_after_round_1(
-    campaigns: Campaigns,
-    name: str,
-    sig: signal.Signals,
-    group: bool,
-    meanwhile: Callable[[subprocess.Popen[bytes]], None] | None = None,
+def outsiders_get_nothing(proc: subprocess.Popen[bytes]) -> None:
+    """Ray's servers refuse a caller without the token; no process of the run reports to Flower's telemetry."""
+    call_ray_without_the_token(proc)
+    assert not telemetry_on(proc.pid), telemetry_on(proc.pid)
+
+
+def ctrl_c_after_round_1(
+    campaigns: Campaigns, name: str, meanwhile: Callable[[subprocess.Popen[bytes]], None]
 ) -> tuple[RunDir, str]:
-    """Start ``fedtune simulate``, send ``sig`` (to its process group, or to it alone) once Ray is busy with
-    round 2 (after ``meanwhile``, if given); check it stops promptly with status 128 + ``sig`` and nothing left
-    running; return its last line."""
+    """Start ``fedtune simulate``; once Ray is busy with round 2, run ``meanwhile`` and send SIGINT to its process
+    group (a terminal's Ctrl-C); check it stops promptly with status 130 and nothing left running; return its last
+    line."""
     config = campaigns.write(name, small_campaign(federation={"rounds": 4}))
     run = RunDir(campaigns.root / name)
     err_file = campaigns.root / f"{name}.err"
@@ -90,25 +92,22 @@ def interrupt_after_round_1(
             [sys.executable, "-m", "fedtune.cli", "simulate", str(config), "--run-dir", str(run.root)],
             stdout=out,
             stderr=err,
+            env=launch_env(),
             start_new_session=True,  # its own process group, like a terminal's foreground job
         )
         try:
             wait_for_rounds(run, proc, 2)  # round 0 and round 1 recorded, Ray busy with round 2
-            if meanwhile is not None:
-                meanwhile(proc)
+            meanwhile(proc)
             sent = time.monotonic()
-            if group:
-                os.killpg(proc.pid, sig)
-            else:
-                proc.send_signal(sig)
+            os.killpg(proc.pid, signal.SIGINT)
             code = proc.wait(timeout=60)
             stopped_s = time.monotonic() - sent
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 128 + sig, err_file.read_text()[-3000:]
-    assert stopped_s < 15, f"{sig.name} took {stopped_s:.1f} s"
-    assert group_gone(proc.pid, 10), f"Ray processes outlived fedtune simulate after {sig.name}"
+    assert code == 128 + signal.SIGINT, err_file.read_text()[-3000:]
+    assert stopped_s < 15, f"Ctrl-C took {stopped_s:.1f} s"
+    assert group_gone(proc.pid, 10), "Ray processes outlived fedtune simulate after Ctrl-C"
     text = err_file.read_text()
     assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]  # Ray's handlers stayed off
     last = text.strip().splitlines()[-1]
@@ -116,18 +115,9 @@ def interrupt_after_round_1(
     return run, last
 
 
-def test_sigterm_stops_the_run_like_ctrl_c(campaigns: Campaigns) -> None:
-    """``kill PID`` (a batch scheduler, systemd): Ray used to take SIGTERM over, and the process then hung with its
-    ServerApp thread waiting on actors that were gone, after a C++ stack dump."""
-    run, _ = interrupt_after_round_1(campaigns, "terminated", signal.SIGTERM, group=False)
-    assert len(run.read_metrics()) >= 2
-
-
 def test_ctrl_c_stops_the_run_and_resume_finishes_it(campaigns: Campaigns) -> None:
-    """Also, while it runs: its Ray servers refuse a caller without the token (:func:`call_ray_without_the_token`)."""
-    run, last = interrupt_after_round_1(
-        campaigns, "interrupted", signal.SIGINT, group=True, meanwhile=call_ray_without_the_token
-    )
+    """Also, while it runs, the outsiders' view (:func:`outsiders_get_nothing`)."""
+    run, last = ctrl_c_after_round_1(campaigns, "interrupted", outsiders_get_nothing)
     completed = run.metrics.read_bytes().splitlines(keepends=True)
     assert len(completed) >= 2
 
