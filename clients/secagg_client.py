@@ -150,6 +150,12 @@ _BACKGROUND = False
 _JOBS: dict[int, _Job] = {}  # node id -> its round's training, between advertise and masked_input
 
 
+def training_now() -> bool:
+    """Whether a round's training is running in the background of this process (between advertise and
+    masked_input)."""
+    return any(not job._done.is_set() for job in list(_JOBS.values()))
+
+
 def train_in_background(enabled: bool) -> None:
     """Overlap local training with the ``view`` and ``share_keys`` stages (for a process that serves every stage).
 

@@ -176,17 +176,30 @@ class WorkerStopped(Exception):
 
 @dataclass
 class Poll:
-    """Bounded back-off for claiming tasks: ``low`` right after a task, ×``growth`` while idle, at most ``high``."""
+    """Bounded back-off for claiming tasks: ``low`` for ``hold_s`` after a task, then ×``growth`` to ``high``.
+
+    The hold is for SecAgg+: its next stage reaches the SuperNode a fraction of a second after this worker's reply
+    (seen, with back-off from the first idle poll: 0.1–0.4 s between the SuperNode holding a stage and this worker
+    claiming it, on four stages a round). Not while ``busy()`` (a round's training runs in the background of this
+    process): polling would then take CPU from training, whose end the round waits for anyway. Idle, it backs off
+    as before.
+    """
 
     low: float = 0.05
     high: float = 0.5
     growth: float = 1.5
+    hold_s: float = 1.5
     current: float = 0.05
+    held_until: float = 0.0
+    busy: Callable[[], bool] = lambda: False
 
     def reset(self) -> None:
         self.current = self.low
+        self.held_until = time.monotonic() + self.hold_s
 
     def next(self) -> float:
+        if time.monotonic() < self.held_until and not self.busy():
+            return self.low
         wait = self.current
         self.current = min(self.high, self.current * self.growth)
         return wait
@@ -426,23 +439,32 @@ class SuperNodeClock:
 
     Flower's SuperNode sleeps 3 s whenever the SuperLink has no message for it and 0.5 s between checks for the
     local reply: with six SecAgg+ stages a round that is seconds of waiting per round. Here an idle SuperNode polls
-    ``low`` s after its last message, backing off ×``growth`` to Flower's 3 s (the SuperLink's load stays what Flower
-    planned once a node is idle), and checks for the local reply every ``local`` s (a local lookup, cheap).
+    every ``low`` s for ``hold`` s after its last message (the next SecAgg+ stage follows within a second; backing
+    off from the first idle poll cost 0.1–0.3 s a stage), then backs off ×``growth`` to Flower's 3 s (the
+    SuperLink's load stays what Flower planned once a node is idle), and checks for the local reply every
+    ``local`` s (a local lookup, cheap).
     """
 
-    def __init__(self, low: float = 0.1, high: float = 3.0, growth: float = 1.5, local: float = 0.05) -> None:
-        self.low, self.high, self.growth, self.local = low, high, growth, local
+    def __init__(
+        self, low: float = 0.1, high: float = 3.0, growth: float = 1.5, local: float = 0.05, hold: float = 1.5
+    ) -> None:
+        self.low, self.high, self.growth, self.local, self.hold = low, high, growth, local, hold
         self.idle = low
+        self.held_until = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def reset(self) -> None:
         self.idle = self.low
+        self.held_until = time.monotonic() + self.hold
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 1.0:  # Flower's idle wait: nothing from the SuperLink
-            wait, self.idle = self.idle, min(self.high, self.idle * self.growth)
+            if time.monotonic() < self.held_until:
+                wait = self.low
+            else:
+                wait, self.idle = self.idle, min(self.high, self.idle * self.growth)
             time.sleep(min(wait, seconds))
         else:  # waiting for the reply of the task in progress
             self.reset()
@@ -512,14 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     secret = args.auth_secret_file.read_bytes() if args.auth_secret_file else None
     state_dir = args.state_dir.expanduser().resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    worker = Worker(args.runtime_api_address, state_dir, secret, Poll(args.poll_min, args.poll_max))
+    from fedtune.clients.secagg_client import train_in_background, training_now
+
+    poll = Poll(args.poll_min, args.poll_max, busy=training_now)
+    worker = Worker(args.runtime_api_address, state_dir, secret, poll)
     tune_object_pulls(args.object_wait)
     worker.stats.threads = threads
     worker.install_signal_handlers()
     start = time.perf_counter()
     worker.handler()  # imports fedtune's ClientApp (torch, transformers, peft) once, before the first task
-    from fedtune.clients.secagg_client import train_in_background
-
     train_in_background(True)  # this process serves every stage of its node: SecAgg+ keys overlap training
     log.info(
         "worker %d ready in %.1f s (%d threads), serving %s",

@@ -178,13 +178,53 @@ def test_supernode_clock_polls_soon_after_a_message_and_backs_off_to_flowers_int
 
     slept: list[float] = []
     monkeypatch.setattr(worker.time, "sleep", slept.append)
-    clock = worker.SuperNodeClock(low=0.1, high=3.0, growth=2.0, local=0.05)
+    clock = worker.SuperNodeClock(low=0.1, high=3.0, growth=2.0, local=0.05, hold=0.0)
     for _ in range(7):
         clock.sleep(3)
     clock.sleep(0.5)  # waiting for a reply: a message came
     clock.sleep(3)
     assert slept == [0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 0.05, 0.1]
     assert clock.monotonic  # everything else is the time module's
+
+
+class FakeTime:
+    """``time`` for the pollers: ``sleep`` advances ``monotonic`` and is recorded."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 4))
+        self.now += seconds
+
+
+def test_pollers_hold_their_shortest_interval_after_a_message_then_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a message the next SecAgg+ stage comes within a second: both pollers keep their shortest interval
+    for ``hold`` s, then back off; the worker's does not hold while a round's training runs in its background."""
+    from fedtune.clients import worker
+
+    fake = FakeTime()
+    monkeypatch.setattr(worker, "time", fake)
+    clock = worker.SuperNodeClock(low=0.1, high=3.0, growth=2.0, local=0.05, hold=0.33)
+    clock.sleep(0.5)  # a message: waiting for its reply
+    for _ in range(7):
+        clock.sleep(3)
+    assert fake.slept == [0.05, 0.1, 0.1, 0.1, 0.1, 0.2, 0.4, 0.8]  # held to 0.33 s, then back-off
+
+    training = [False]
+    poll = worker.Poll(low=0.05, high=0.5, growth=2.0, hold_s=0.175, busy=lambda: training[0])
+    poll.reset()  # a task served
+    waits = []
+    for _ in range(7):
+        waits.append(poll.next())
+        fake.sleep(waits[-1])
+    assert waits == [0.05, 0.05, 0.05, 0.05, 0.05, 0.1, 0.2]
+    poll.reset()
+    training[0] = True  # advertise started the round's training in the background: no hold
+    assert [poll.next() for _ in range(3)] == [0.05, 0.1, 0.2]
 
 
 def test_join_runs_the_supernode_for_the_resident_worker(tmp_path: Path) -> None:
