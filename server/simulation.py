@@ -35,8 +35,9 @@ def private_ray_cluster() -> None:
 
     A new random token for each process, never one inherited or read from ``~/.ray/auth_token``: the cluster is
     this process's alone. Ray reads its authentication mode once, when ``ray`` is first imported, so this must run
-    before that (``fedtune simulate`` calls it first thing); later calls keep the token. It fails closed: with Ray
-    already imported without token authentication it raises rather than start a cluster that answers anyone.
+    before that (``fedtune simulate`` calls it first thing); later calls keep the token. With Ray already imported,
+    it keeps a token authentication the caller set up itself, and otherwise fails closed: it raises rather than
+    start a cluster that answers anyone.
     """
     if _TOKEN and os.environ.get("RAY_AUTH_TOKEN") == _TOKEN[0]:
         return
