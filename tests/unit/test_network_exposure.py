@@ -31,9 +31,13 @@ print(os.environ["RAY_AUTH_MODE"], len(token), get_authentication_mode() == Auth
 """
 
 
+def python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c CODE ARGS``: a fresh interpreter, so that import order is what is tested."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
 def run(before: str) -> subprocess.CompletedProcess[str]:
-    code = SETUP.format(before=before)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return python(SETUP.format(before=before))
 
 
 def test_token_authentication_is_on_before_ray_is_imported() -> None:
@@ -60,8 +64,7 @@ print(telemetry.FLWR_TELEMETRY_ENABLED)
 
 
 def telemetry_flag(first: str, *env: str) -> str:
-    code = TELEMETRY.format(first=first)
-    proc = subprocess.run([sys.executable, "-c", code, *env], capture_output=True, text=True, timeout=120)
+    proc = python(TELEMETRY.format(first=first), *env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip()
 
