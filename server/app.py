@@ -12,6 +12,7 @@ anything else is refused before the campaign is read, a run dir is created or a 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -25,12 +26,18 @@ from fedtune.strategies.driver import tune_reply_pulls
 from .campaign import CampaignServer, Reporter
 
 
-def make_server_app(cfg: CampaignConfig, run_dir: RunDir, reporter: Reporter | None = None) -> ServerApp:
+def make_server_app(
+    cfg: CampaignConfig,
+    run_dir: RunDir,
+    reporter: Reporter | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
+) -> ServerApp:
+    """The ServerApp of ``fedtune simulate``; ``wrap_grid`` (optional) wraps the grid Flower hands it."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        CampaignServer(cfg, run_dir, reporter).run(grid)
+        CampaignServer(cfg, run_dir, reporter).run(grid if wrap_grid is None else wrap_grid(grid))
 
     return server_app
 

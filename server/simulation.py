@@ -9,16 +9,27 @@ default answer anyone (ShadowRay, CVE-2023-48022: whoever reaches the ports can 
 hold every virtual contributor's shard). Ray cannot be kept on loopback (it rewrites ``127.0.0.1`` to the machine's
 address), so each simulation turns on Ray's token authentication with a fresh random token that only this process
 and the Ray processes it starts hold (:func:`private_ray_cluster`).
+
+Pitfall: Flower runs the ServerApp in a thread the interpreter waits for at exit, and when its simulation engine
+fails (Ray does not start, its actors die) nothing tells that thread, which goes on waiting for replies for a round
+timeout. Here the ServerApp gets a :class:`StoppableGrid`: once the engine has stopped, the grid raises
+:class:`EngineStopped` at the next call, so the thread ends and ``fedtune simulate`` exits with one line.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import sys
+import threading
+from collections.abc import Iterable
 
+from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedtune.clients.policy import SIMULATION_STATE_ROOT_ENV, prepare_simulated_contributors
 from fedtune.config import CampaignConfig
@@ -26,6 +37,7 @@ from fedtune.rundir import RunDir
 
 from .app import make_server_app
 from .campaign import Reporter
+from .failures import CampaignStopped
 
 _TOKEN: list[str] = []  # the token this process set, once set
 
@@ -53,6 +65,58 @@ def private_ray_cluster() -> None:
     _TOKEN[:] = [secrets.token_hex(32)]
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN[0])
+
+
+class EngineStopped(RuntimeError):
+    """The simulation engine behind a :class:`StoppableGrid` has stopped: no reply will come."""
+
+
+class StoppableGrid(Grid):
+    """``grid`` as it is, except that every call raises :class:`EngineStopped` once ``stop`` is set."""
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self._grid, self._stop = grid, stop
+
+    def _live(self) -> Grid:
+        if self._stop.is_set():
+            raise EngineStopped("the simulation engine has stopped")
+        return self._grid
+
+    def set_run(self, run: Run) -> None:
+        self._live().set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._live().run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._live().create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._live().get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._live().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._live().pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._live().send_and_receive(messages, timeout=timeout)
+
+
+def _engine_failure(exc: BaseException) -> str | None:
+    """The innermost error of a failed simulation engine (Flower's "Simulation Runtime crashed"), else None."""
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 20:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if not any("Simulation Runtime crashed" in str(e) for e in chain):
+        return None
+    root = chain[-1]
+    return f"{type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else 'no message'}"
 
 
 def simulate(
@@ -102,10 +166,22 @@ def simulate(
             "include_dashboard": False,
         },
     }
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir, reporter),
-        client_app=client_app,
-        num_supernodes=sim.contributors,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    engine_stopped = threading.Event()
+    try:
+        run_simulation(
+            server_app=make_server_app(
+                cfg, run_dir, reporter, wrap_grid=functools.partial(StoppableGrid, stop=engine_stopped)
+            ),
+            client_app=client_app,
+            num_supernodes=sim.contributors,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    except RuntimeError as exc:
+        if isinstance(exc, CampaignStopped) or (failure := _engine_failure(exc)) is None:
+            raise
+        raise CampaignStopped(
+            f"the simulation engine (Ray) stopped: {failure} (with --verbose, Flower's and Ray's logs say more)"
+        ) from exc
+    finally:
+        engine_stopped.set()  # ends the ServerApp's thread if it is still waiting for replies

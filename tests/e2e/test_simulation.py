@@ -138,3 +138,18 @@ def test_server_optimizer_state_roundtrip() -> None:
         assert {k: v.tolist() for k, v in strategy_state(fresh).items()} == {
             k: v.tolist() for k, v in strategy_state(strategy).items()
         }
+
+
+def test_simulate_exits_with_one_line_when_ray_cannot_start(campaigns: Campaigns, tmp_path: Path) -> None:
+    """Ray fails to start (its temp dir cannot be made: a file stands in the way); ``simulate`` says so and exits.
+
+    Before the fix Flower's ServerApp thread, which nothing told that the engine had crashed, waited for replies
+    for the round timeout (an hour by default), and the interpreter waited for it at exit: a hung command.
+    """
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    campaigns.simulate("ray-fails", env={"RAY_TMPDIR": str(blocker / "ray")}, expect_rc=1, timeout_s=180)
+    assert campaigns.last is not None
+    last = campaigns.last.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the simulation engine (Ray) stopped: NotADirectoryError"), last
+    assert "carry on with: " in last and "--resume" in last, last
