@@ -7,6 +7,9 @@ Two tiers: ``tests/unit`` (fast, the edit-test loop: ``python -m pytest -q tests
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +21,26 @@ DATA = REPO / "experiments" / "data" / "python-docs.jsonl"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here: the hub is unreachable in tests
+
+
+def run_capped(code: str, *args: str, gib: int = 6, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -c code ARGS`` in a child whose address space is capped at ``gib`` GiB, from the repo root.
+
+    For tests of a bound on memory: on code without the bound the child fails with ``MemoryError`` instead of
+    taking the test machine's memory with it.
+    """
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        preexec_fn=cap,
+    )
 
 
 def small_campaign(**sections: dict) -> dict:

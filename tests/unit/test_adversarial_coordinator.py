@@ -43,7 +43,7 @@ from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
 from fedtune.wire import CONFIG, SECAGG_WEIGHT_MAX, Decline, Layout, SecAggRequest, TrainRequest, secagg_message_type
 
-from ..conftest import small_campaign
+from ..conftest import run_capped, small_campaign
 from .inprocess_grid import InProcessGrid
 
 PARTITIONS = 3
@@ -245,6 +245,30 @@ def test_a_lower_noise_multiplier_is_declined(tmp_path: Path, start: dict, finge
     c = contributor(tmp_path / "c", policy={"max_epsilon": 1000.0, "min_noise_multiplier": 0.3})
     declined_for(c.train(campaign(target_epsilon=30.0), 1, start, fingerprint), "noise multiplier")
     assert c.steps_spent() == 0
+
+
+HUGE_EPSILON = """
+import sys
+from pathlib import Path
+from fedtune.ml.model import base_fingerprint, build_model, trainable_arrays
+from tests.unit.test_adversarial_coordinator import campaign, contributor, declined_for
+cfg = campaign(target_epsilon=1000.0, planned_rounds=400)
+start = trainable_arrays(build_model(cfg)[0])
+c = contributor(Path(sys.argv[1]))  # the default policy: ε at most 8
+print(declined_for(c.train(cfg, 1, start, base_fingerprint(cfg.model)), "cannot calibrate"))
+print("steps spent:", c.steps_spent())
+"""
+
+
+@pytest.mark.slow  # a child process: imports, then the calibration
+def test_an_epsilon_whose_accounting_would_exhaust_memory_is_declined(tmp_path: Path) -> None:
+    """The coordinator picks ε and the horizon, and the contributor calibrates its noise for them before anything
+    else: ε = 1000 over 800 steps asked Opacus' PRV accountant for a grid of ≈ 18M points (tens of GB), which
+    took the contributor's memory down (here: a child capped at 6 GiB died of ``MemoryError``). Now declined."""
+    proc = run_capped(HUGE_EPSILON, str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps spent: 0" in proc.stdout, proc.stdout
+    assert 'use accountant = "rdp"' in proc.stderr  # the detail stays in the contributor's own log
 
 
 def test_a_bigger_delta_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:

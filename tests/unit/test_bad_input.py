@@ -17,6 +17,8 @@ import pytest
 
 from fedtune.cli import EXIT_BAD_INPUT, main
 
+from ..conftest import run_capped
+
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` with its bytes (``None`` for folders): what "nothing written" compares."""
@@ -217,6 +219,22 @@ def test_unreachable_epsilon(capsys, tmp_path, write_campaign) -> None:
     """Every contributor used to raise ``cannot reach ε`` and the campaign exited 0 with "down 0.0%"."""
     line = refuse(capsys, tmp_path, write_campaign(privacy={"mechanism": "dp-sgd", "target_epsilon": 0.001}))
     assert "[privacy] target_epsilon" in line and "an ε DP-SGD can reach" in line and "0.001" in line
+
+
+SIMULATE = "import sys; from fedtune.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.slow  # a child process: imports, then the calibration
+def test_epsilon_whose_accounting_would_exhaust_memory(tmp_path, write_campaign) -> None:
+    """ε = 1000 over a long horizon: the check calibrated it with Opacus' PRV accountant, whose grid needed tens of GB
+    (in a child capped at 6 GiB: ``MemoryError``, a traceback). Now one line that names the way out."""
+    config = write_campaign(privacy={"mechanism": "dp-sgd", "target_epsilon": 1000.0, "planned_rounds": 400})
+    before = snapshot(tmp_path)
+    proc = run_capped(SIMULATE, "simulate", str(config), "--run-dir", str(tmp_path / "out"))
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert str(config) in line and "[privacy] target_epsilon" in line and 'accountant = "rdp"' in line, line
+    assert "Traceback" not in proc.stderr and snapshot(tmp_path) == before
 
 
 def test_reachable_epsilon_passes_preflight(write_campaign) -> None:

@@ -34,6 +34,9 @@ from fedtune.privacy import (
     poisson_loader,
     sample_rate_for,
 )
+from fedtune.privacy.accounting import PRV_MAX_GRID_POINTS, prv_grid_points
+
+from ..conftest import run_capped
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -568,6 +571,43 @@ def test_params_validation_and_defaults() -> None:
         calibrate_noise(1e-9, 1e-5, 1.0, 10_000, "rdp")
     with pytest.raises(ValueError, match="accountant"):
         ContributorPrivacy(PrivacyParams(accountant="prv"), 1.0, 1e-5, 0.1, {}, create_accountant(mechanism="rdp"))
+
+
+def test_prv_grid_points_is_the_grid_opacus_builds() -> None:
+    """The bound's estimate against the domain Opacus' own PRV accountant makes for the same history."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    for sigma, q, steps in ((0.6, 16 / 600, 160), (1.0, 0.01, 1000), (0.4, 1.0, 10)):
+        prv = PoissonSubsampledGaussianPRV(q, sigma)
+        domain = PRVAccountant()._get_domain([prv], [steps], eps_error=0.01, delta_error=1e-5 / 1000)
+        assert prv_grid_points(sigma, q, steps, 1e-5) == pytest.approx(domain.size, rel=1e-3)
+
+
+CALIBRATE_1000 = """
+from fedtune.privacy import calibrate_noise
+try:
+    print("prv", calibrate_noise(1000.0, 1e-5, 16 / 600, 160, "prv"))
+except ValueError as exc:
+    print("refused:", exc)
+print("rdp", calibrate_noise(1000.0, 1e-5, 16 / 600, 160, "rdp"))
+"""
+
+
+@pytest.mark.slow  # a child process: imports, then the calibration
+def test_prv_calibration_refuses_a_grid_that_would_exhaust_memory() -> None:
+    """ε = 1000 over 160 steps at q = 16/600: Opacus' PRV calibration builds ≈ 9M points and did not fit in 11 GB.
+
+    It is refused before the grid is built (the RDP accountant still calibrates it); in a child capped at 6 GiB,
+    the code before the bound died of ``MemoryError``.
+    """
+    proc = run_capped(CALIBRATE_1000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = next(line for line in proc.stdout.splitlines() if line.startswith(("refused:", "prv")))
+    assert refused.startswith("refused:") and 'use accountant = "rdp"' in refused, refused
+    assert f"at most {PRV_MAX_GRID_POINTS // 10**6}M" in refused
+    rdp = next(line for line in proc.stdout.splitlines() if line.startswith("rdp "))
+    assert 0 < float(rdp.split()[1]) < 0.2, rdp
 
 
 # -------------------------------------------------------------------------------------------------
