@@ -51,6 +51,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def lower_priority(pid: int, nice: int) -> None:
+    """Process ``pid`` (0: this one) and its session's scheduling group at niceness ``nice``.
+
+    With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``) every session is a group,
+    groups share the CPU equally whatever their processes' niceness, and a process's nice value only ranks it
+    inside its own group: ``os.nice`` alone leaves each of the coordinator's sessions (``coordinate``, and the
+    SuperLink and SuperExec it starts in sessions of their own) an equal share beside each contributor's. The
+    group's own nice value (``/proc/PID/autogroup``) is what ranks it against the others.
+    """
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    with contextlib.suppress(OSError):  # no autogroup: the process nice value is the whole story
+        Path(f"/proc/{pid or 'self'}/autogroup").write_text(str(nice))
+
+
 def campaign(root: Path, name: str, contributors: int, rounds: int, steps: int, secagg: bool) -> Path:
     import tomllib
 
@@ -137,6 +152,7 @@ class CpuSampler:
     def __init__(self, interval_s: float = 0.5) -> None:
         self.roots: set[int] = set()
         self.seen: dict[int, tuple[str, float, str]] = {}
+        self.lowered: dict[int, int] = {}  # root pid -> niceness for it and every descendant (see lower_priority)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
 
@@ -161,6 +177,9 @@ class CpuSampler:
                         cmd = self.seen[pid][2]
                     role = next((r for key, r in ROLES if key in cmd), "other")
                     self.seen[pid] = (role, (int(fields[11]) + int(fields[12])) / tick, cmd[:160])
+            for root, nice in list(self.lowered.items()):  # descendants that started sessions of their own
+                for pid in {root} | descendants(root):
+                    lower_priority(pid, nice)
 
     def by_role(self) -> dict[str, float]:
         total: Counter[str] = Counter()
@@ -208,9 +227,11 @@ def run_deployed(
                 env=env(flwr_home),
                 cwd=base,
                 start_new_session=True,
-                preexec_fn=functools.partial(os.nice, nice) if nice else None,
+                preexec_fn=functools.partial(lower_priority, 0, nice) if nice else None,
             )
         procs.append(p)
+        if nice:
+            sampler.lowered[p.pid] = nice
         sampler.roots.add(p.pid)
         return p
 
@@ -290,7 +311,7 @@ def main() -> None:
         "--coordinator-nice",
         type=int,
         default=0,
-        help="run `coordinate` (SuperLink, SuperExec, ServerApp) at this niceness in the deployed runs: the "
+        help="run `coordinate` (SuperLink, SuperExec, ServerApp) at this niceness, process and scheduling group, in the deployed runs: the "
         "contributors' trainers get the cores first, as if the coordinator had a machine of its own",
     )
     parser.add_argument(
