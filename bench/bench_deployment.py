@@ -311,8 +311,8 @@ def main() -> None:
         "--coordinator-nice",
         type=int,
         default=0,
-        help="run `coordinate` (SuperLink, SuperExec, ServerApp) at this niceness, process and scheduling group, in the deployed runs: the "
-        "contributors' trainers get the cores first, as if the coordinator had a machine of its own",
+        help="run `coordinate` (SuperLink, SuperExec, ServerApp) at this niceness, process and scheduling group, "
+        "in the deployed runs: the contributors' trainers get the cores first",
     )
     parser.add_argument(
         "--simulated-json", help="reuse the simulated figures of an earlier --out instead of simulating again"
