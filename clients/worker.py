@@ -477,6 +477,38 @@ pushing them). Flower waits 1, 2, 4, 8, 10, 10 … s: seen as 22–35 s between 
 for a 728 KB adapter on loopback. Here 0.1 s doubling to 1 s (at most two requests a second per object in flight)."""
 
 
+class ReplyForLatest:
+    """Keeps the SuperNode's push step waiting until the message it just pulled has its reply.
+
+    Flower's SuperNode loop pulls one message, waits for *a* reply in its state, pushes every reply there and pulls
+    the next. After a coordinator restart a reply can come from a stale task: the loop pulled a message of the old
+    run, the resident worker claimed it at once (before the objects were in) and answered it, but the SuperNode had
+    already dropped the run as no longer running, without deleting the message. That late reply satisfied the wait
+    for the new run's message, was pushed (and ignored by the SuperLink), and the new run's reply then sat in the
+    state with no push step left to send it: the coordinator waited a round timeout for a contributor that had
+    answered (seen in ``test_private_secure_campaign_survives_a_coordinator_restart``: a SecAgg+ round aborted).
+    Here the push step runs again while the last message pulled (:meth:`stored`) is still in the state (Flower
+    deletes a message when its reply is pushed), so it only ever waits where Flower's own loop would have.
+    """
+
+    def __init__(self) -> None:
+        self.latest: str | None = None
+
+    def stored(self, message: Any) -> None:
+        """Note a message the SuperNode stores; only the coordinator's (a reply has ``reply_to_message_id``)."""
+        if not message.metadata.reply_to_message_id:
+            self.latest = message.metadata.message_id
+
+    def push(self, push: Callable[..., Any], state: Any, **kwargs: Any) -> None:
+        """Flower's ``_push_messages(state=state, **kwargs)``, again until the latest message has been answered."""
+        messages = getattr(state, "msg_store", None)  # InMemoryNodeState's; another state: Flower's loop as it is
+        while True:
+            push(state=state, **kwargs)
+            if messages is None or self.latest is None or self.latest not in messages:
+                return
+            log.warning("a reply to an earlier message went first; waiting for the reply to %s", self.latest)
+
+
 def run_supernode(argv: list[str], clock: SuperNodeClock | None = None) -> None:
     """``flower-supernode ARGV`` with :class:`SuperNodeClock` polling (Flower's polling if its loop changed shape)."""
     import flwr.supernode.start_client_internal as loop
@@ -484,13 +516,21 @@ def run_supernode(argv: list[str], clock: SuperNodeClock | None = None) -> None:
 
     clock = clock or SuperNodeClock()
     if isinstance(getattr(loop, "time", None), type(time)) and callable(getattr(loop, "_push_messages", None)):
-        push = loop._push_messages
+        from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-        def push_then_poll_soon(*args: Any, **kwargs: Any) -> Any:
+        push, store_message, replies = loop._push_messages, InMemoryNodeState.store_message, ReplyForLatest()
+
+        def store_and_note(self: InMemoryNodeState, message: Any) -> str | None:
+            replies.stored(message)
+            return store_message(self, message)
+
+        def push_then_poll_soon(**kwargs: Any) -> None:  # Flower calls it with keywords only
             try:
-                return push(*args, **kwargs)
+                replies.push(push, **kwargs)
             finally:
                 clock.reset()
+
+        InMemoryNodeState.store_message = store_and_note  # type: ignore[method-assign]
 
         loop.time = clock  # type: ignore[assignment]
         loop._push_messages = push_then_poll_soon

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fedtune.clients.worker import FLWR_VERSION, Worker, flower_surface
+from fedtune.clients.worker import FLWR_VERSION, ReplyForLatest, Worker, flower_surface
 
 from ..bundles import fab, pyproject_text
 
@@ -266,3 +266,42 @@ def test_resident_worker_is_restarted_when_it_dies(tmp_path: Path) -> None:
     worker.check()
     assert worker.starts == 2
     worker.stop()
+
+
+def _message(message_id: str, reply_to: str = "") -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(message_id=message_id, reply_to_message_id=reply_to))
+
+
+def test_supernode_push_waits_for_the_reply_to_the_message_it_just_pulled() -> None:
+    """After a coordinator restart: the old run's message (dropped by the SuperNode, not deleted), its late reply
+    from the resident worker, and the new run's message. Flower's push step takes whatever reply is there, so the
+    stale one used it up and the new run's reply was never sent; the push step must run until ``new`` is answered.
+    """
+    state = SimpleNamespace(msg_store={})
+    replies, pushed = ReplyForLatest(), []
+
+    def store(message: SimpleNamespace) -> None:
+        state.msg_store[message.metadata.message_id] = message
+        replies.stored(message)
+
+    def flower_push(state: SimpleNamespace) -> None:
+        """``_push_messages``: every reply in the state, each deleted with the message it answers."""
+        answers = [m for m in state.msg_store.values() if m.metadata.reply_to_message_id]
+        assert answers, "Flower's push step would wait here for a reply"
+        for reply in answers:
+            pushed.append(reply.metadata.message_id)
+            for mid in (reply.metadata.message_id, reply.metadata.reply_to_message_id):
+                state.msg_store.pop(mid, None)
+        if "new" in state.msg_store and "new-reply" not in pushed:
+            store(_message("new-reply", "new"))  # the worker answers the new run's message meanwhile
+
+    for message in (_message("old"), _message("new"), _message("old-reply", "old")):
+        store(message)
+    replies.push(flower_push, state=state)
+    assert pushed == ["old-reply", "new-reply"] and state.msg_store == {}
+
+    pushed.clear()  # the usual round: one message, its reply, one push step
+    store(_message("next"))
+    store(_message("next-reply", "next"))
+    replies.push(flower_push, state=state)
+    assert pushed == ["next-reply"] and state.msg_store == {}
