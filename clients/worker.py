@@ -23,10 +23,12 @@ Threat
 Pitfalls
     - This is Flower-internal surface (the Runtime API client, ``pull_task_input``, ``push_message``,
       ``push_task_output``; and the SuperNode loop's ``time`` and ``_push_messages``, which :func:`run_supernode`
-      replaces so that the SuperNode polls its SuperLink sooner after a message, and its ``pull_objects`` back-off;
-      ``pull_task_input``'s object pull back-off, :func:`tune_object_pulls`): pyproject pins ``flwr`` to the
-      version this was written against (:data:`FLWR_VERSION`), and ``tests/unit/test_worker.py`` fails loudly if
-      those change shape. Everything Flower-internal that a contributor runs is imported here and nowhere else.
+      replaces so that the SuperNode polls its SuperLink sooner after a message and pushes the reply to the message
+      it just pulled (:class:`ReplyForLatest`, which also wraps ``InMemoryNodeState.store_message``), and its
+      ``pull_objects`` back-off; ``pull_task_input``'s object pull back-off, :func:`tune_object_pulls`): pyproject
+      pins ``flwr`` to the version this was written against (:data:`FLWR_VERSION`), and ``tests/unit/test_worker.py``
+      fails loudly if those change shape. Everything Flower-internal that a contributor runs is imported here and
+      nowhere else.
     - Flower keeps the current task's identity in a process-global (``TaskIdentity``, which ``Message`` reads);
       ``pull_task_input`` sets it anew for each task, so it must stay the first call of a task.
     - One task at a time: the SuperNode hands out one message per run at a time and waits for its reply.
