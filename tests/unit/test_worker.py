@@ -169,6 +169,13 @@ def test_supernode_loop_still_has_what_the_polling_clock_replaces() -> None:
     assert "pull_objects(" in inspect.getsource(loop._pull_and_store_message)
     source = inspect.getsource(loop.start_client_internal)
     assert "time.sleep(3)" in source and "_push_messages(" in source  # the idle wait the clock shortens
+    # what ReplyForLatest relies on: messages stored through store_message into msg_store, deleted once answered
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    assert "state.store_message(message)" in inspect.getsource(loop._pull_and_store_message)
+    assert isinstance(InMemoryNodeState(ObjectStoreFactory().store()).msg_store, dict)
+    assert "reply_to_message_id" in inspect.getsource(loop._push_messages)
 
 
 def test_supernode_clock_polls_soon_after_a_message_and_backs_off_to_flowers_interval(
