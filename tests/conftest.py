@@ -23,15 +23,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be downloaded here: the hub is unreachable in tests
 
 
-def run_capped(code: str, *args: str, gib: int = 6, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -c code ARGS`` in a child whose address space is capped at ``gib`` GiB, from the repo root.
+def run_python(
+    code: str, *args: str, memory_gib: int | None = None, timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code ARGS`` in a fresh interpreter from the repo root (so import order is what is tested).
 
-    For tests of a bound on memory: on code without the bound the child fails with ``MemoryError`` instead of
-    taking the test machine's memory with it.
+    ``memory_gib`` caps the child's address space: for tests of a bound on memory, where code without the bound
+    fails with ``MemoryError`` instead of taking the test machine's memory with it.
     """
 
     def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+        if memory_gib is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
 
     return subprocess.run(
         [sys.executable, "-c", code, *args],

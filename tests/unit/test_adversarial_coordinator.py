@@ -43,7 +43,7 @@ from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
 from fedtune.wire import CONFIG, SECAGG_WEIGHT_MAX, Decline, Layout, SecAggRequest, TrainRequest, secagg_message_type
 
-from ..conftest import run_capped, small_campaign
+from ..conftest import run_python, small_campaign
 from .inprocess_grid import InProcessGrid
 
 PARTITIONS = 3
@@ -265,7 +265,7 @@ def test_an_epsilon_whose_accounting_would_exhaust_memory_is_declined(tmp_path: 
     """The coordinator picks ε and the horizon, and the contributor calibrates its noise for them before anything
     else: ε = 1000 over 800 steps asked Opacus' PRV accountant for a grid of ≈ 18M points (tens of GB), which
     took the contributor's memory down (here: a child capped at 6 GiB died of ``MemoryError``). Now declined."""
-    proc = run_capped(HUGE_EPSILON, str(tmp_path / "c"))
+    proc = run_python(HUGE_EPSILON, str(tmp_path / "c"), memory_gib=6)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps spent: 0" in proc.stdout, proc.stdout
     assert 'use accountant = "rdp"' in proc.stderr  # the detail stays in the contributor's own log

@@ -17,7 +17,7 @@ import pytest
 
 from fedtune.cli import EXIT_BAD_INPUT, main
 
-from ..conftest import run_capped
+from ..conftest import run_python
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -230,7 +230,7 @@ def test_epsilon_whose_accounting_would_exhaust_memory(tmp_path, write_campaign)
     (in a child capped at 6 GiB: ``MemoryError``, a traceback). Now one line that names the way out."""
     config = write_campaign(privacy={"mechanism": "dp-sgd", "target_epsilon": 1000.0, "planned_rounds": 400})
     before = snapshot(tmp_path)
-    proc = run_capped(SIMULATE, "simulate", str(config), "--run-dir", str(tmp_path / "out"))
+    proc = run_python(SIMULATE, "simulate", str(config), "--run-dir", str(tmp_path / "out"), memory_gib=6)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert str(config) in line and "[privacy] target_epsilon" in line and 'accountant = "rdp"' in line, line

@@ -9,9 +9,10 @@ GCS and raylet, and the environment of every process a simulation, ``coordinate`
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+
+from ..conftest import run_python
 
 pytestmark = pytest.mark.slow  # each starts a Python that imports fedtune and Ray (≈ 8 s)
 
@@ -32,8 +33,7 @@ print(os.environ["RAY_AUTH_MODE"], len(token), get_authentication_mode() == Auth
 
 
 def python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -c CODE ARGS``: a fresh interpreter, so that import order is what is tested."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return run_python(code, *args, timeout_s=120)
 
 
 def run(before: str) -> subprocess.CompletedProcess[str]:

@@ -36,7 +36,7 @@ from fedtune.privacy import (
 )
 from fedtune.privacy.accounting import PRV_MAX_GRID_POINTS, prv_grid_points
 
-from ..conftest import run_capped
+from ..conftest import run_python
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -601,7 +601,7 @@ def test_prv_calibration_refuses_a_grid_that_would_exhaust_memory() -> None:
     It is refused before the grid is built (the RDP accountant still calibrates it); in a child capped at 6 GiB,
     the code before the bound died of ``MemoryError``.
     """
-    proc = run_capped(CALIBRATE_1000)
+    proc = run_python(CALIBRATE_1000, memory_gib=6)
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused = next(line for line in proc.stdout.splitlines() if line.startswith(("refused:", "prv")))
     assert refused.startswith("refused:") and 'use accountant = "rdp"' in refused, refused
