@@ -4,7 +4,8 @@ Job
     :class:`ContributorPolicy` is what a contributor will accept, decided on its own machine (PEFT-config style:
     a typed, validated dataclass that saves to and loads from ``STATE_DIR/policy.toml``): DP required or not, the
     most ε it will ever spend, the least noise multiplier, the largest δ, its accountant, the smallest shard, secure
-    mode, and its secure-aggregation limits. :func:`load_policy` reads it for a round; ``fedtune join`` writes it
+    mode, its secure-aggregation limits, and the most work it takes on per round (local steps, sequence length).
+    :func:`load_policy` reads it for a round; ``fedtune join`` writes it
     from its flags (:func:`update_policy_file`); the simulation launcher writes one per virtual contributor
     (:func:`prepare_simulated_contributors`). :class:`CampaignPins` are the privacy and secure-aggregation
     parameters of the first campaign the contributor trained for, kept in ``STATE_DIR/pins.json``; a later round
@@ -17,7 +18,9 @@ Threat
     of that reaches a decision here except as something to check: the policy comes from the contributor's own
     state dir, the state dir from its own node config (``fedtune join --state-dir``) or, in simulation, from the
     local launcher's environment (:data:`SIMULATION_STATE_ROOT_ENV`), never from a message. Every check runs before
-    training, so a refused round costs no ε.
+    training, so a refused round costs no ε. The coordinator also decides how much work a round is: without the
+    work caps, a campaign asking for a million local steps or million-token sequences would hold the contributor's
+    machine for days or exhaust its memory (the batch is capped by the contributor's own ``--batch-size``).
 
 Pitfalls
     - A decline's reason travels to the coordinator: it names campaign and policy values only, never the shard
@@ -96,6 +99,10 @@ class ContributorPolicy:
         γ: the fraction of a cohort assumed to collude with the coordinator (Sybils included).
     secagg_max_dropout_fraction
         δ_drop: the fraction of a cohort assumed to drop out during a round.
+    max_local_steps
+        Decline a round asking for more optimizer steps (the contributor's compute per round).
+    max_seq_len
+        Decline a campaign whose ``[data] max_seq_len`` is longer (memory grows with it, attention's quadratically).
     """
 
     require_dp: bool = True
@@ -110,6 +117,8 @@ class ContributorPolicy:
     secagg_security_bits: int = 40
     secagg_max_corrupt_fraction: float = 0.2
     secagg_max_dropout_fraction: float = 0.2
+    max_local_steps: int = 1000
+    max_seq_len: int = 4096
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -126,6 +135,8 @@ class ContributorPolicy:
             "secagg_max_corrupt_fraction + secagg_max_dropout_fraction must be < 1": (
                 self.secagg_max_corrupt_fraction + self.secagg_max_dropout_fraction < 1
             ),
+            "max_local_steps must be >= 1": self.max_local_steps >= 1,
+            "max_seq_len must be >= 1": self.max_seq_len >= 1,
         }
         for message, ok in checks.items():
             if not ok:
@@ -261,11 +272,14 @@ def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolic
 
     It accepts the campaign as configured (its DP mechanism, accountant, δ and secure-aggregation minimum), caps
     ε at the campaign's target or at ``[privacy] personal_max_epsilon``'s entry for the partition, and keeps the
-    defaults for everything else. Later rounds cannot change it: it is a file in the contributor's state dir.
+    defaults for everything else (the work caps raised to the campaign's, if it asks for more). Later rounds cannot
+    change it: it is a file in the contributor's state dir.
     """
     priv, sec = cfg.privacy, cfg.secure_aggregation
     cap = priv.personal_max_epsilon.get(str(partition_id))
     return ContributorPolicy(
+        max_local_steps=max(ContributorPolicy.max_local_steps, cfg.federation.local_steps),
+        max_seq_len=max(ContributorPolicy.max_seq_len, cfg.data.max_seq_len),
         require_dp=priv.mechanism == "dp-sgd",
         max_epsilon=float(cap if cap is not None else priv.target_epsilon),
         max_delta=max(ContributorPolicy.max_delta, resolve_delta(priv.delta or None)),
@@ -307,6 +321,8 @@ def campaign_refusal(policy: ContributorPolicy, cfg: CampaignConfig, secure: boo
         Whether the request is a SecAgg+ round (the ``advertise`` stage), not a plain ``train`` message.
     """
     priv, sec = cfg.privacy, cfg.secure_aggregation
+    if (refusal := work_refusal(policy, cfg)) is not None:
+        return refusal
     if priv.mechanism == "none":
         if policy.require_dp:
             return Refusal(
@@ -330,6 +346,21 @@ def campaign_refusal(policy: ContributorPolicy, cfg: CampaignConfig, secure: boo
         if missing is not None:
             return Refusal("this contributor's policy requires Opacus' secure mode, unavailable here", missing)
     return None
+
+
+def work_refusal(policy: ContributorPolicy, cfg: CampaignConfig) -> Refusal | None:
+    """Whether the round asks for more work than the policy's caps (checked first: nothing is loaded for it)."""
+    over = [
+        f"{name} {asked} above this contributor's maximum {cap}"
+        for name, asked, cap in (
+            ("local_steps", cfg.federation.local_steps, policy.max_local_steps),
+            ("max_seq_len", cfg.data.max_seq_len, policy.max_seq_len),
+        )
+        if asked > cap
+    ]
+    if not over:
+        return None
+    return Refusal(f"the campaign asks for more work than this contributor takes on: {'; '.join(over)}")
 
 
 def shard_refusal(policy: ContributorPolicy, shard_size: int, delta: float | None) -> Refusal | None:

@@ -207,6 +207,7 @@ class Coordinator:
     # ------------------------------------------------------------------------------------- before writing
     def validate(self) -> CampaignConfig:
         """Check the campaign, the address and the home; write nothing. BadInput / ConfigError on a problem."""
+        from fedtune.clients.policy import ContributorPolicy, campaign_refusal
         from fedtune.preflight import validate_campaign
 
         split_address(self.address)
@@ -222,6 +223,13 @@ class Coordinator:
         home = home_path(self.home_dir)
         if home.exists() and not home.is_dir():
             raise BadInput(f"--home {home} exists and is not a folder")
+        default_refusal = campaign_refusal(ContributorPolicy(), cfg, secure=cfg.secure_aggregation.protocol != "none")
+        if default_refusal is not None:  # their own choice to change; the campaign still starts
+            print(
+                f"warning: contributors with the default policy will decline every round: {default_refusal.reason} "
+                "(a contributor accepts it only with `fedtune join` flags that say so)",
+                file=sys.stderr,
+            )
         if self.insecure and not is_loopback(listen_host):
             print(
                 f"warning: --insecure on {listen_host}: no TLS and no contributor authentication; anyone who "

@@ -49,6 +49,8 @@ def policy_changes(args: argparse.Namespace) -> dict[str, object]:
         "secagg_security_bits": args.secagg_security_bits,
         "secagg_max_corrupt_fraction": args.secagg_max_corrupt_fraction,
         "secagg_max_dropout_fraction": args.secagg_max_dropout_fraction,
+        "max_local_steps": args.max_local_steps,
+        "max_seq_len": args.max_seq_len,
     }
 
 
@@ -238,6 +240,12 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     )
     work.add_argument("--max-rank", type=int, help="largest LoRA rank to train (FFA campaigns aggregate it exactly)")
     work.add_argument("--batch-size", type=int, help="largest batch to train with")
+    work.add_argument(
+        "--max-local-steps", type=int, help="decline rounds of more local steps (default 1000; kept in policy.toml)"
+    )
+    work.add_argument(
+        "--max-seq-len", type=int, help="decline campaigns with longer sequences (default 4096; kept in policy.toml)"
+    )
     work.add_argument("--micro-batch", type=int, help="split each batch into micro-batches of this size (less memory)")
     work.add_argument(
         "--threads",

@@ -10,7 +10,8 @@ key and, where the test needs one, a hand-written ``policy.toml`` (the file a co
 
 Attacks: batches and noise recomputed from the public seed; ``mechanism = "none"`` against a contributor with a
 cap; a raised target ε; a lower noise multiplier; a bigger δ; another accountant; a state folder named by the
-coordinator (and a renamed campaign to reset the budget); a SecAgg+ round whose parameters are bad, trained before
+coordinator (and a renamed campaign to reset the budget); more work per round than the contributor takes on; a
+SecAgg+ round whose parameters are bad, trained before
 they were checked; exact losses, token and sample counts, shard sizes and ε in the replies.
 """
 
@@ -269,6 +270,22 @@ def test_an_epsilon_whose_accounting_would_exhaust_memory_is_declined(tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps spent: 0" in proc.stdout, proc.stdout
     assert 'use accountant = "rdp"' in proc.stderr  # the detail stays in the contributor's own log
+
+
+def test_more_work_than_the_policy_takes_on_is_declined_before_training(
+    tmp_path: Path, start: dict, fingerprint: str
+) -> None:
+    """The coordinator sizes the round: a million local steps would hold the machine for days, a long enough
+    ``max_seq_len`` would exhaust its memory. Capped here at 3 steps and 64 tokens: one over either is declined."""
+    c = contributor(tmp_path / "c", policy={"max_local_steps": FED["local_steps"] + 1, "max_seq_len": 64})
+    raw = small_campaign(privacy=DP, federation=FED | {"local_steps": FED["local_steps"] + 2})
+    declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), "local_steps 4 above", "maximum 3")
+    raw = small_campaign(privacy=DP, federation=FED, data={"max_seq_len": 65})
+    declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), "max_seq_len 65 above", "64")
+    assert c.steps_spent() == 0 and not (c.state / "privacy_state.json").exists()
+    raw = small_campaign(privacy=DP, federation=FED | {"local_steps": FED["local_steps"] + 1}, data={"max_seq_len": 64})
+    assert not is_decline(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint))  # at the caps: trains
+    assert c.steps_spent() == FED["local_steps"] + 1
 
 
 def test_a_bigger_delta_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:

@@ -68,6 +68,8 @@ def test_policy_file_round_trip_defaults_and_refusals(tmp_path: Path) -> None:
         ({"accountant": "gdp"}, "accountant"),
         ({"secagg_min_cohort": 1}, "secagg_min_cohort"),
         ({"secagg_max_corrupt_fraction": 0.6, "secagg_max_dropout_fraction": 0.5}, "< 1"),
+        ({"max_local_steps": 0}, "max_local_steps"),
+        ({"max_seq_len": 2.5}, "max_seq_len must be"),
     ):
         with pytest.raises(PolicyError, match=match):
             ContributorPolicy.from_dict(bad)
@@ -115,6 +117,10 @@ def test_join_flags_write_the_policy_and_dp_stays_required_unless_allowed(
         6,
     )
     assert "max_delta" in (write_join_policy(join_args(tmp_path, "--max-delta", "2")) or "")
+    assert write_join_policy(join_args(tmp_path, "--max-local-steps", "50", "--max-seq-len", "256")) is None
+    policy = ContributorPolicy.load(tmp_path)
+    assert (policy.max_local_steps, policy.max_seq_len, policy.max_epsilon) == (50, 256, 3.0)
+    assert "max_local_steps" in (write_join_policy(join_args(tmp_path, "--max-local-steps", "0")) or "")
 
 
 @pytest.mark.slow
@@ -136,6 +142,8 @@ def test_simulated_contributors_get_their_policy_from_the_launcher_once(tmp_path
     assert simulated_policy(cfg, 1).max_epsilon == 1.5
     plain = simulated_policy(CampaignConfig.from_dict(small_campaign()), 0)
     assert not plain.require_dp
+    long = CampaignConfig.from_dict(small_campaign(federation={"local_steps": 5000}, data={"max_seq_len": 8192}))
+    assert (simulated_policy(long, 0).max_local_steps, simulated_policy(long, 0).max_seq_len) == (5000, 8192)
     prepare_simulated_contributors(cfg, tmp_path)
     assert ContributorPolicy.load(simulated_state_dir(tmp_path, 1)).max_epsilon == 1.5
     ContributorPolicy(max_epsilon=0.5).save(simulated_state_dir(tmp_path, 1))
@@ -230,3 +238,23 @@ def test_coarse_figures_sit_on_their_grids() -> None:
         coarse_epsilon(-1.0)
     assert EPSILON_STEP == 0.25
     assert [coarse_loss(v) for v in (-1.0, 3.1, 3.13, 99.0, math.nan)] == [0.0, 3.0, 3.25, LOSS_MAX, LOSS_MAX]
+
+
+def test_coordinate_warns_when_contributors_with_the_default_policy_would_decline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomli_w
+
+    from fedtune.server.coordinator import Coordinator
+
+    def warning(**sections: dict) -> str:
+        config = tmp_path / "campaign.toml"
+        config.write_text(tomli_w.dumps(small_campaign(**sections)))
+        Coordinator(config, tmp_path / "run", "127.0.0.1:9092", home_dir=tmp_path / "home").validate()
+        return capsys.readouterr().err
+
+    assert "default policy will decline" not in warning(privacy=DP)
+    assert "without differential privacy" in warning()
+    long = warning(privacy=DP, federation={"local_steps": 5000})
+    assert "local_steps 5000 above this contributor's maximum 1000" in long
+    assert not (tmp_path / "run").exists()  # validate writes nothing
