@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,6 @@ def lower_priority(pid: int, nice: int) -> None:
 
 
 def campaign(root: Path, name: str, contributors: int, rounds: int, steps: int, secagg: bool) -> Path:
-    import tomllib
-
     raw = tomllib.loads((REPO / "experiments" / "quickstart.toml").read_text())
     raw["campaign"] = {"name": name, "seed": 0, "run_dir": str(root / name)}
     raw["data"]["source"] = str(REPO / "experiments" / raw["data"]["source"])
@@ -215,6 +214,7 @@ def run_deployed(
     base = root / name
     base.mkdir()
     home, run_dir, port = base / "home", base / "run", free_port()
+    data = tomllib.loads(config.read_text())["data"]["source"]  # each contributor's own --data: partition i of it
     ensure_home(home, ["127.0.0.1"])
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -246,7 +246,7 @@ def run_deployed(
             states.append(state)
             spawn(
                 ["join", "--coordinator", f"127.0.0.1:{port}", "--root-cert", str(home / "tls" / "ca.pem"),
-                 "--state-dir", str(state), "--name", f"c{i}", "--port", str(free_port()),
+                 "--state-dir", str(state), "--name", f"c{i}", "--port", str(free_port()), "--data", data,
                  "--partition-id", str(i), "--num-partitions", str(contributors), "--benchmark-seconds", "0.2",
                  "--threads", "1", "--allow-no-dp", "--secagg-min-cohort", str(contributors), *join_extra],
                 base / f"c{i}.log",

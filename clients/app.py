@@ -67,24 +67,26 @@ from .policy import (
     ContributorPolicy,
     PolicyError,
     Refusal,
+    apply_own_data,
     campaign_refusal,
     contributor_state_dir,
     load_policy,
     shard_refusal,
     simulation_seed,
+    work_refusal,
 )
 from .secagg_client import Trainer, register_secagg_handlers
 from .trainer import Randomness, train_local
-from .workspace import CACHE, open_workspace
+from .workspace import CACHE, local_choice, open_workspace
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
 
 
 def _partition(context: Context) -> tuple[int, int]:
+    """Which part of its data this contributor trains on: all of it (``join``'s default, 0 of 1) unless its node
+    config says otherwise (virtual contributors; benchmarks that start several contributors on one data file)."""
     node = context.node_config
-    if str(node.get("data", "")):
-        return 0, 1  # its own data, whole
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
 
 
@@ -245,9 +247,10 @@ def local_update(
     declines (the SecAgg+ stage of a resident worker answers ``advertise`` there and trains in the background).
     """
     cfg, server_round = request.campaign(), request.server_round
-    if str(context.node_config.get("data", "")):  # a deployed contributor trains on its own data
-        cfg.data.source = str(context.node_config["data"])
+    data_refusal = apply_own_data(cfg, context)  # before anything reads the campaign's data section
     who = contributor_info(cfg, context)
+    if data_refusal is not None:
+        return decline(message, context, server_round, who, data_refusal)
     try:
         check_fingerprint(cfg.model, request.base_fingerprint)
     except FingerprintMismatch as exc:
@@ -261,6 +264,9 @@ def local_update(
     if refusal is not None:
         return decline(message, context, server_round, who, refusal)
     partition_id, num_partitions = _partition(context)
+    choice = local_choice(cfg, context.node_config, partition_id)
+    if not isinstance(choice, str) and (over := work_refusal(policy, cfg, choice.rank, choice.batch_size)):
+        return decline(message, context, server_round, who, over)
     ws = open_workspace(cfg, request.campaign_toml, context.node_config, (partition_id, num_partitions))
     if isinstance(ws, str):  # this contributor's hardware or choices do not fit the campaign
         return decline(message, context, server_round, who, Refusal(ws))

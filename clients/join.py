@@ -277,6 +277,8 @@ def _start(opts: JoinOptions, plan: DevicePlan, out: TextIO) -> int:
 
     keys = ensure_keys(opts.state_dir, opts.name)
     print(f"contributor id: {keys.contributor_id}", file=out)
+    if opts.data is None:
+        print("data: none of your own (--data): taking part only in campaigns on a public hub dataset", file=out)
     print(f"public key ({keys.auth_public}):\n  {keys.public_line}", file=out)
     print(
         f"the coordinator approves it with:\n  fedtune approve {keys.auth_public.name} --name {opts.name or 'NAME'}",

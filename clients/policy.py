@@ -18,9 +18,12 @@ Threat
     of that reaches a decision here except as something to check: the policy comes from the contributor's own
     state dir, the state dir from its own node config (``fedtune join --state-dir``) or, in simulation, from the
     local launcher's environment (:data:`SIMULATION_STATE_ROOT_ENV`), never from a message. Every check runs before
-    training, so a refused round costs no ε. The coordinator also decides how much work a round is: without the
-    work caps, a campaign asking for a million local steps or million-token sequences would hold the contributor's
-    machine for days or exhaust its memory (the batch is capped by the contributor's own ``--batch-size``).
+    training, so a refused round costs no ε. What a deployed contributor trains on is its own choice too
+    (:func:`apply_own_data`): its ``--data``, or a public hub dataset, never a local path the coordinator names
+    (any file this user can read, made training data). The coordinator also decides how much work a round is:
+    without the work caps, a campaign asking for a million local steps or million-token sequences would hold the
+    contributor's machine for days or exhaust its memory (the batch is capped by the contributor's own
+    ``--batch-size``).
 
 Pitfalls
     - A decline's reason travels to the coordinator: it names campaign and policy values only, never the shard
@@ -48,7 +51,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from flwr.app import Context
 
-from fedtune.config import CampaignConfig
+from fedtune.config import CampaignConfig, SimulationSection, looks_local
 from fedtune.files import atomic_write_text
 from fedtune.privacy import delta_fits, resolve_delta
 
@@ -103,6 +106,10 @@ class ContributorPolicy:
         Decline a round asking for more optimizer steps (the contributor's compute per round).
     max_seq_len
         Decline a campaign whose ``[data] max_seq_len`` is longer (memory grows with it, attention's quadratically).
+    max_rank
+        Decline a LoRA rank above this unless ``--max-rank`` takes on less (a rank of 10⁶ would exhaust memory).
+    max_batch_size
+        Decline a batch above this unless ``--batch-size`` takes on less.
     """
 
     require_dp: bool = True
@@ -119,6 +126,8 @@ class ContributorPolicy:
     secagg_max_dropout_fraction: float = 0.2
     max_local_steps: int = 1000
     max_seq_len: int = 4096
+    max_rank: int = 256
+    max_batch_size: int = 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -137,6 +146,8 @@ class ContributorPolicy:
             ),
             "max_local_steps must be >= 1": self.max_local_steps >= 1,
             "max_seq_len must be >= 1": self.max_seq_len >= 1,
+            "max_rank must be >= 1": self.max_rank >= 1,
+            "max_batch_size must be >= 1": self.max_batch_size >= 1,
         }
         for message, ok in checks.items():
             if not ok:
@@ -229,6 +240,31 @@ def contributor_state_dir(context: Context) -> Path:
     )
 
 
+def apply_own_data(cfg: CampaignConfig, context: Context) -> Refusal | None:
+    """Make ``cfg`` the campaign as this contributor runs it, or say why it will not train on the campaign's data.
+
+    A deployed contributor trains on its own data (``fedtune join --data``, node config ``data``) or, without it, on
+    a public hub dataset the campaign names; a local path from the coordinator (``~/.ssh/id_rsa``, a diary, a
+    folder ``datasets`` would read) is declined before it is opened. ``[simulation]`` is the researcher's local
+    launcher's section: a deployed contributor ignores it (its ``extra_data`` named more local files, even next to
+    ``--data``). A virtual contributor of ``fedtune simulate`` takes the researcher's campaign as it is.
+    """
+    if simulating(context):
+        return None
+    cfg.simulation = SimulationSection()
+    own = str(context.node_config.get("data", ""))
+    if own:
+        cfg.data.source = own
+        return None
+    source = cfg.data.source
+    if looks_local(source) or Path(source).expanduser().exists():
+        return Refusal(
+            "the campaign names local data; this contributor trains only on its own (fedtune join --data) or on a "
+            "public hub dataset"
+        )
+    return None
+
+
 def load_policy(context: Context) -> ContributorPolicy:
     """The contributor's policy for this round: its ``policy.toml``, or the defaults.
 
@@ -280,6 +316,8 @@ def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolic
     return ContributorPolicy(
         max_local_steps=max(ContributorPolicy.max_local_steps, cfg.federation.local_steps),
         max_seq_len=max(ContributorPolicy.max_seq_len, cfg.data.max_seq_len),
+        max_rank=max(ContributorPolicy.max_rank, cfg.lora.rank),
+        max_batch_size=max(ContributorPolicy.max_batch_size, cfg.federation.batch_size),
         require_dp=priv.mechanism == "dp-sgd",
         max_epsilon=float(cap if cap is not None else priv.target_epsilon),
         max_delta=max(ContributorPolicy.max_delta, resolve_delta(priv.delta or None)),
@@ -321,8 +359,6 @@ def campaign_refusal(policy: ContributorPolicy, cfg: CampaignConfig, secure: boo
         Whether the request is a SecAgg+ round (the ``advertise`` stage), not a plain ``train`` message.
     """
     priv, sec = cfg.privacy, cfg.secure_aggregation
-    if (refusal := work_refusal(policy, cfg)) is not None:
-        return refusal
     if priv.mechanism == "none":
         if policy.require_dp:
             return Refusal(
@@ -348,13 +384,22 @@ def campaign_refusal(policy: ContributorPolicy, cfg: CampaignConfig, secure: boo
     return None
 
 
-def work_refusal(policy: ContributorPolicy, cfg: CampaignConfig) -> Refusal | None:
-    """Whether the round asks for more work than the policy's caps (checked first: nothing is loaded for it)."""
+def work_refusal(
+    policy: ContributorPolicy, cfg: CampaignConfig, rank: int | None = None, batch_size: int | None = None
+) -> Refusal | None:
+    """Whether the round asks for more work than the policy's caps (checked before anything is loaded for it).
+
+    ``rank`` and ``batch_size`` are what this contributor takes on (``--max-rank``, ``--batch-size``; the
+    campaign's when ``None``): taking on less than a cap is how a contributor accepts a bigger campaign.
+    """
+    fed = cfg.federation
     over = [
         f"{name} {asked} above this contributor's maximum {cap}"
         for name, asked, cap in (
-            ("local_steps", cfg.federation.local_steps, policy.max_local_steps),
+            ("local_steps", fed.local_steps, policy.max_local_steps),
             ("max_seq_len", cfg.data.max_seq_len, policy.max_seq_len),
+            ("rank", cfg.lora.rank if rank is None else rank, policy.max_rank),
+            ("batch_size", fed.batch_size if batch_size is None else batch_size, policy.max_batch_size),
         )
         if asked > cap
     ]

@@ -344,7 +344,8 @@ def open_workspace(
     node_config : mapping
         The contributor's node config: ``device``, ``state-dir``, ``max-rank``, ``batch-size``, ``micro-batch``.
     partition : (int, int)
-        Partition id and count (simulation; a deployed contributor trains on its whole own data: (0, 1)).
+        Partition id and count from the node config (a deployed contributor: all of its own data, (0, 1), unless a
+        benchmark starts several on one file).
     """
     partition_id, num_partitions = partition
     choice = local_choice(cfg, node_config, partition_id)

@@ -207,7 +207,7 @@ class Coordinator:
     # ------------------------------------------------------------------------------------- before writing
     def validate(self) -> CampaignConfig:
         """Check the campaign, the address and the home; write nothing. BadInput / ConfigError on a problem."""
-        from fedtune.clients.policy import ContributorPolicy, campaign_refusal
+        from fedtune.clients.policy import ContributorPolicy, campaign_refusal, work_refusal
         from fedtune.preflight import validate_campaign
 
         split_address(self.address)
@@ -223,7 +223,8 @@ class Coordinator:
         home = home_path(self.home_dir)
         if home.exists() and not home.is_dir():
             raise BadInput(f"--home {home} exists and is not a folder")
-        default_refusal = campaign_refusal(ContributorPolicy(), cfg, secure=cfg.secure_aggregation.protocol != "none")
+        default, secure = ContributorPolicy(), cfg.secure_aggregation.protocol != "none"
+        default_refusal = campaign_refusal(default, cfg, secure) or work_refusal(default, cfg)
         if default_refusal is not None:  # their own choice to change; the campaign still starts
             print(
                 f"warning: contributors with the default policy will decline every round: {default_refusal.reason} "

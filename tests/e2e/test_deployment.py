@@ -30,7 +30,7 @@ from fedtune.deploy.home import approve, ensure_home
 from fedtune.deploy.keys import ensure_keys
 
 from ..bundles import pyproject_text
-from ..conftest import small_campaign
+from ..conftest import DATA, small_campaign
 from .conftest import launch_env, telemetry_on
 
 ROUND_TIMEOUT_S = 240.0
@@ -206,6 +206,8 @@ class Federation:
                 c.name,
                 "--port",
                 str(free_port()),
+                "--data",  # its own data: a deployed contributor never reads a local path the coordinator names
+                str(DATA),
                 "--partition-id",
                 str(partition),
                 "--num-partitions",

@@ -10,9 +10,9 @@ key and, where the test needs one, a hand-written ``policy.toml`` (the file a co
 
 Attacks: batches and noise recomputed from the public seed; ``mechanism = "none"`` against a contributor with a
 cap; a raised target ε; a lower noise multiplier; a bigger δ; another accountant; a state folder named by the
-coordinator (and a renamed campaign to reset the budget); more work per round than the contributor takes on; a
-SecAgg+ round whose parameters are bad, trained before
-they were checked; exact losses, token and sample counts, shard sizes and ε in the replies.
+coordinator (and a renamed campaign to reset the budget); local files named as training data; more work per
+round than the contributor takes on; a SecAgg+ round whose parameters are bad, trained before they were checked;
+exact losses, token and sample counts, shard sizes and ε in the replies.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from fedtune.strategies.secure import SecureRound
 from fedtune.strategies.server_optimizer import build_strategy
 from fedtune.wire import CONFIG, SECAGG_WEIGHT_MAX, Decline, Layout, SecAggRequest, TrainRequest, secagg_message_type
 
-from ..conftest import run_python, small_campaign
+from ..conftest import DATA, run_python, small_campaign
 from .inprocess_grid import InProcessGrid
 
 PARTITIONS = 3
@@ -107,7 +107,7 @@ def setup_contributor(state: Path, partition: int = 0, policy: dict[str, Any] | 
     (state / "identity.key").write_bytes(pem)
     if policy is not None:
         (state / "policy.toml").write_text(tomli_w.dumps(policy))
-    return {"state-dir": str(state), "partition-id": partition, "num-partitions": PARTITIONS}
+    return {"state-dir": str(state), "data": str(DATA), "partition-id": partition, "num-partitions": PARTITIONS}
 
 
 def contributor(state: Path, partition: int = 0, policy: dict[str, Any] | None = None, **node: Any) -> Contributor:
@@ -275,17 +275,27 @@ def test_an_epsilon_whose_accounting_would_exhaust_memory_is_declined(tmp_path: 
 def test_more_work_than_the_policy_takes_on_is_declined_before_training(
     tmp_path: Path, start: dict, fingerprint: str
 ) -> None:
-    """The coordinator sizes the round: a million local steps would hold the machine for days, a long enough
-    ``max_seq_len`` would exhaust its memory. Capped here at 3 steps and 64 tokens: one over either is declined."""
-    c = contributor(tmp_path / "c", policy={"max_local_steps": FED["local_steps"] + 1, "max_seq_len": 64})
-    raw = small_campaign(privacy=DP, federation=FED | {"local_steps": FED["local_steps"] + 2})
-    declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), "local_steps 4 above", "maximum 3")
-    raw = small_campaign(privacy=DP, federation=FED, data={"max_seq_len": 65})
-    declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), "max_seq_len 65 above", "64")
+    """The coordinator sizes the round: a million local steps would hold the machine for days; a long enough
+    ``max_seq_len``, a rank of 10⁶ or a huge batch would exhaust its memory. Each one over the policy's cap is
+    declined, unless the contributor's own ``--max-rank`` / ``--batch-size`` takes on less."""
+    caps = {"max_local_steps": 3, "max_seq_len": 64, "max_rank": 4, "max_batch_size": 4}
+    c = contributor(tmp_path / "c", policy=caps)
+
+    def ask(*words: str, **sections: dict) -> str:
+        raw = small_campaign(privacy=DP, **{"federation": FED, **sections})
+        return declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), *words)
+
+    ask("local_steps 4 above", "maximum 3", federation=FED | {"local_steps": 4})
+    ask("max_seq_len 65 above", "maximum 64", data={"max_seq_len": 65})
+    ask("rank 5 above", "maximum 4", lora={"rank": 5})
+    ask("batch_size 5 above", "maximum 4", federation=FED | {"batch_size": 5})
     assert c.steps_spent() == 0 and not (c.state / "privacy_state.json").exists()
-    raw = small_campaign(privacy=DP, federation=FED | {"local_steps": FED["local_steps"] + 1}, data={"max_seq_len": 64})
-    assert not is_decline(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint))  # at the caps: trains
-    assert c.steps_spent() == FED["local_steps"] + 1
+    at_caps = small_campaign(privacy=DP, federation=FED | {"local_steps": 3}, data={"max_seq_len": 64})
+    assert not is_decline(c.train(CampaignConfig.from_dict(at_caps), 1, start, fingerprint))
+    assert c.steps_spent() == 3
+    less = contributor(tmp_path / "d", policy=caps, **{"batch-size": 4})  # takes on less than the campaign's 8
+    bigger = small_campaign(privacy=DP, federation=FED | {"batch_size": 8})
+    assert not is_decline(less.train(CampaignConfig.from_dict(bigger), 1, start, fingerprint))
 
 
 def test_a_bigger_delta_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:
@@ -332,6 +342,31 @@ def test_a_state_folder_named_by_the_coordinator_is_ignored(
     assert not is_decline(c.send(content))
     assert not evil.exists(), "the contributor wrote its state where the coordinator told it to"
     assert c.steps_spent() == FED["local_steps"]
+
+
+def test_local_files_named_by_the_coordinator_are_never_trained_on(
+    tmp_path: Path, start: dict, fingerprint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The campaign's ``[data] source`` is the coordinator's word: a local path there made any file this user can
+    read (think ``~/.ssh/id_rsa``) training data, sent back as an update; ``[simulation] extra_data`` added one to
+    the shard even next to ``--data``. A deployed contributor trains on its own ``--data`` (or a public hub
+    dataset) and ignores ``[simulation]``."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("the contributor's private notes, one line of many\n" * 640)
+    (home / "records.jsonl").write_text("these bytes are not json records\n")
+    monkeypatch.chdir(tmp_path)  # "home/notes.txt" reads like a hub id ("org/name") but is a local path here
+    no_data = setup_contributor(tmp_path / "c")
+    del no_data["data"]  # joined without --data
+    c = Contributor(tmp_path / "c", InProcessGrid(app, {1: no_data}))
+    for source in (str(home / "notes.txt"), "home/notes.txt", "home", "~/notes.txt"):
+        raw = small_campaign(privacy=DP, federation=FED, data={"source": source})
+        declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), "local data", "--data")
+    assert c.steps_spent() == 0
+    with_data = contributor(tmp_path / "d")  # its own --data; the campaign adds a file through extra_data
+    raw = small_campaign(privacy=DP, federation=FED, simulation={"extra_data": {"0": str(home / "records.jsonl")}})
+    assert not is_decline(with_data.train(CampaignConfig.from_dict(raw), 1, start, fingerprint))
+    assert with_data.steps_spent() == FED["local_steps"]
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from fedtune.ml.model import base_fingerprint, build_model, trainable_arrays
 from fedtune.privacy import EPSILON_STEP, LOSS_MAX, coarse_epsilon, coarse_loss
 from fedtune.wire import Decline, Layout, TrainRequest
 
-from ..conftest import small_campaign
+from ..conftest import DATA, small_campaign
 from .inprocess_grid import InProcessGrid
 
 DP = {"mechanism": "dp-sgd", "target_epsilon": 4.0, "planned_rounds": 4}
@@ -142,8 +142,13 @@ def test_simulated_contributors_get_their_policy_from_the_launcher_once(tmp_path
     assert simulated_policy(cfg, 1).max_epsilon == 1.5
     plain = simulated_policy(CampaignConfig.from_dict(small_campaign()), 0)
     assert not plain.require_dp
-    long = CampaignConfig.from_dict(small_campaign(federation={"local_steps": 5000}, data={"max_seq_len": 8192}))
-    assert (simulated_policy(long, 0).max_local_steps, simulated_policy(long, 0).max_seq_len) == (5000, 8192)
+    big = CampaignConfig.from_dict(
+        small_campaign(
+            federation={"local_steps": 5000, "batch_size": 2048}, data={"max_seq_len": 8192}, lora={"rank": 512}
+        )
+    )
+    caps = simulated_policy(big, 0)
+    assert (caps.max_local_steps, caps.max_seq_len, caps.max_rank, caps.max_batch_size) == (5000, 8192, 512, 2048)
     prepare_simulated_contributors(cfg, tmp_path)
     assert ContributorPolicy.load(simulated_state_dir(tmp_path, 1)).max_epsilon == 1.5
     ContributorPolicy(max_epsilon=0.5).save(simulated_state_dir(tmp_path, 1))
@@ -199,7 +204,11 @@ def test_the_simulation_seed_reproduces_simulated_rounds_only(tmp_path: Path, mo
         state = tmp_path / name
         deployed.append(
             trained_adapter(
-                InProcessGrid(app, {1: {"state-dir": str(state), "partition-id": 0, "num-partitions": 3}}), cfg, start
+                InProcessGrid(
+                    app, {1: {"state-dir": str(state), "data": str(DATA), "partition-id": 0, "num-partitions": 3}}
+                ),
+                cfg,
+                start,
             )
         )
     assert not all(np.array_equal(deployed[0][k], deployed[1][k]) for k in deployed[0])
@@ -215,7 +224,7 @@ def test_secure_mode_is_refused_with_what_is_missing(tmp_path: Path) -> None:
     assert "torchcsprng" in (write_join_policy(join_args(tmp_path, "--secure-mode")) or "")
     cfg = CampaignConfig.from_dict(small_campaign(privacy=DP, federation=FED))
     ContributorPolicy(secure_mode=True).save(tmp_path)
-    grid = InProcessGrid(app, {1: {"state-dir": str(tmp_path), "partition-id": 0}})
+    grid = InProcessGrid(app, {1: {"state-dir": str(tmp_path), "data": str(DATA), "partition-id": 0}})
     request = TrainRequest.of(cfg, base_fingerprint(cfg.model), 1, {"x": np.zeros(1, np.float32)})
     (reply,) = grid.send_and_receive([grid.create_message(request.content(), MessageType.TRAIN, 1, "1")])
     assert "secure mode" in Decline.read(reply.content).reason
