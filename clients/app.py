@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.config import CampaignConfig
 from fedtune.identity import simulated_identity
-from fedtune.ml.model import FingerprintMismatch, check_fingerprint, load_trainable, trainable_arrays
+from fedtune.ml.model import check_fingerprint, load_trainable, trainable_arrays
 from fedtune.privacy import (
     ContributorPrivacy,
     PrivacyParams,
@@ -61,6 +61,7 @@ from fedtune.wire import (
     secagg_message_type,
 )
 
+from .errors import private_errors
 from .optimizer_state import OptimizerState
 from .policy import (
     CampaignPins,
@@ -81,6 +82,9 @@ from .workspace import CACHE, local_choice, open_workspace
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
+NO_BASE = "this contributor does not have the coordinator's base model (missing here, or different: see its own log)"
+"""The one decline reason for a base model that is missing or differs: which one, and the local fingerprint or
+path, stay in the contributor's log (a campaign naming local paths as its model would otherwise probe the disk)."""
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -253,8 +257,8 @@ def local_update(
         return decline(message, context, server_round, who, data_refusal)
     try:
         check_fingerprint(cfg.model, request.base_fingerprint)
-    except FingerprintMismatch as exc:
-        return decline(message, context, server_round, who, Refusal(str(exc)))
+    except Exception as exc:  # different, or no such model here: one reason for both, so no probe of the disk
+        return decline(message, context, server_round, who, Refusal(NO_BASE, f"{type(exc).__name__}: {exc}"))
     folder, policy = contributor_state_dir(context), load_policy(context)
     pins = CampaignPins.load(folder)
     secure = message.metadata.message_type == secagg_message_type(SECAGG_ADVERTISE)
@@ -337,8 +341,9 @@ def handle_train(trainer: Trainer, message: Message, context: Context) -> Messag
 
 def register_handlers(client_app: ClientApp, trainer: Trainer) -> None:
     """Register the plain ``train`` handler and the SecAgg+ stage handlers; ``trainer`` runs the local round."""
-    client_app.train()(functools.partial(handle_train, trainer))
-    register_secagg_handlers(client_app, trainer)
+    wrap = functools.partial(private_errors, record=record_round)
+    client_app.train()(wrap(functools.partial(handle_train, trainer)))
+    register_secagg_handlers(client_app, trainer, wrap)
 
 
 register_handlers(app, local_update)

@@ -74,6 +74,7 @@ from fedtune.wire import (
     secagg_action,
 )
 
+from .errors import Handler
 from .policy import load_policy
 
 log = logging.getLogger("fedtune.client.secagg")
@@ -172,10 +173,13 @@ def _settle(node: int) -> None:
         job.wait()
 
 
-def register_secagg_handlers(app: ClientApp, trainer: Trainer) -> None:
-    """Register ``@app.train("secagg_<stage>")`` for every stage; ``trainer`` runs the local round."""
+def register_secagg_handlers(
+    app: ClientApp, trainer: Trainer, wrap: Callable[[Handler], Handler] = lambda handler: handler
+) -> None:
+    """Register ``@app.train("secagg_<stage>")`` for every stage; ``trainer`` runs the local round, ``wrap`` (the
+    ClientApp's :func:`~fedtune.clients.errors.private_errors`) wraps each handler."""
     for stage in STAGES:
-        app.train(secagg_action(stage))(functools.partial(handle_stage, stage, trainer))
+        app.train(secagg_action(stage))(wrap(functools.partial(handle_stage, stage, trainer)))
 
 
 def identity_key(context: Context, seed: int) -> Ed25519PrivateKey:

@@ -172,8 +172,11 @@ def retry_invoker(surface: dict[str, Any], max_tries: int | None, max_time_s: fl
     )
 
 
-class WorkerStopped(Exception):
-    """SIGTERM/SIGINT arrived while a task ran: the task is reported failed and the worker exits."""
+class WorkerStopped(BaseException):
+    """SIGTERM/SIGINT arrived while a task ran: the task is reported failed and the worker exits.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the ``except Exception`` of the code it interrupts (data
+    loading, the ClientApp's error handling) must not turn a stop into a failed round and carry on."""
 
 
 @dataclass

@@ -453,6 +453,31 @@ def private_figures(c: Contributor, cfg: CampaignConfig, partition: int = 0) -> 
     return figures
 
 
+def test_a_failed_round_tells_the_coordinator_nothing_of_the_contributors_machine(
+    tmp_path: Path, start: dict, fingerprint: str
+) -> None:
+    """Flower's error reply carries ``str(exception)``, and a contributor's exceptions quote its private facts:
+    its data's path and columns, whether a path the campaign names exists on its disk. A coordinator crafting
+    campaigns to fail would read them; now it learns the exception's type (and the same decline for a model that
+    is missing or different), while the contributor's own ``rounds.jsonl`` keeps the whole story."""
+    own = tmp_path / "alice-medical-notes.jsonl"
+    own.write_text("".join(json.dumps({"patient_note": f"visit {i}"}) + "\n" for i in range(200)))
+    c = contributor(tmp_path / "c", data=str(own))
+    wrong_field = small_campaign(privacy=DP, federation=FED)  # asks for a "text" column the contributor lacks
+    reply = c.train(CampaignConfig.from_dict(wrong_field), 1, start, fingerprint)
+    assert reply.has_error()
+    for private in ("alice-medical-notes", "patient_note", str(tmp_path)):
+        assert private not in reply.error.reason, reply.error.reason
+    assert "DataError" in reply.error.reason
+    assert "patient_note" in c.rounds()[-1]["error"]  # the contributor's own log has it
+    reasons = set()
+    for probed in (tmp_path / "c", tmp_path / "no-such-folder"):  # exists / does not: indistinguishable
+        raw = small_campaign(privacy=DP, federation=FED, model={"name": str(probed)})
+        reasons.add(declined_for(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint), "base model"))
+    assert len(reasons) == 1 and str(tmp_path) not in reasons.pop()
+    assert c.steps_spent() == 0
+
+
 def test_plain_replies_and_declines_carry_no_private_statistic(tmp_path: Path, start: dict, fingerprint: str) -> None:
     cfg = campaign(target_epsilon=2.0, planned_rounds=1)
     c = contributor(tmp_path / "c", policy={"max_epsilon": 2.0})

@@ -205,7 +205,7 @@ def test_fedtune_contributors_decline_a_foreign_base_and_refuse_a_malformed_requ
     foreign = TrainRequest.of(cfg, "0" * 64, 1, START)
     result = PlainRound(cfg).run(InProcessGrid(app, nodes), build_strategy(cfg, 3), foreign)
     assert {o.status for o in result.outcomes} == {"declined"} and not result.applied
-    assert all("fingerprint" in o.reason and o.contributor.name.startswith("sim-") for o in result.outcomes)
+    assert all("base model" in o.reason and o.contributor.name.startswith("sim-") for o in result.outcomes)
 
     broken = TrainRequest("campaign = [", foreign.base_fingerprint, 1, foreign.arrays, foreign.layout)  # not TOML
     result = PlainRound(cfg).run(InProcessGrid(app, nodes), build_strategy(cfg, 3), broken)
@@ -299,5 +299,5 @@ def test_in_the_background_mode_fedtunes_contributors_still_decline_before_sendi
     grid = InProcessGrid(app, nodes)
     result = SecureRound(cfg, tmp_path).run(grid, build_strategy(cfg, 3), TrainRequest.of(cfg, "0" * 64, 1, START))
     assert {o.status for o in result.outcomes} == {"declined"} and not result.applied
-    assert all("fingerprint" in o.reason for o in result.outcomes)
+    assert all("base model" in o.reason for o in result.outcomes)
     assert not secagg_client._JOBS and set(result.extra["secagg_stage_s"]) == {"advertise"}
