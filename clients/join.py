@@ -155,8 +155,8 @@ def worker_command(opts: JoinOptions) -> list[str]:
 class ResidentWorker:
     """The worker process: started with the SuperNode, restarted if it dies (with a bounded back-off), stopped last."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, echo: bool, out: TextIO) -> None:
-        self.cmd, self.env, self.log_path, self.echo, self.out = cmd, env, log_path, echo, out
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, echo: bool, out: TextIO, cwd: Path) -> None:
+        self.cmd, self.env, self.log_path, self.echo, self.out, self.cwd = cmd, env, log_path, echo, out, cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.pump: threading.Thread | None = None
         self.starts = 0
@@ -164,7 +164,12 @@ class ResidentWorker:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec()
+            self.cmd,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec(),
         )
         assert self.proc.stdout is not None
         self.pump = threading.Thread(target=_pump, args=(self.proc.stdout, self.log_path, self.echo, []), daemon=True)
@@ -234,13 +239,14 @@ def _pump(
                 sys.stderr.write(line)
 
 
-def run_join(opts: JoinOptions, out: TextIO = sys.stdout, policy: Any = None) -> int:
+def run_join(opts: JoinOptions, out: TextIO | None = None, policy: Any = None) -> int:
     """Run the join agent until Ctrl-C or a fatal SuperNode error; the return value is the exit status.
 
     Every argument is checked first (:func:`fedtune.clients.join_checks.check_join`): a problem is one
     ``error:`` line, exit 2, and nothing written. Then the state dir is created and ``policy`` (the
     :class:`~fedtune.clients.policy.ContributorPolicy` ``join``'s flags asked for, already checked) saved in it.
     """
+    out = out or sys.stdout  # resolved per call, not bound at import
     opts.state_dir = opts.state_dir.expanduser().resolve()
     if opts.data is not None:
         opts.data = opts.data.expanduser().resolve()
@@ -297,7 +303,9 @@ def _start(opts: JoinOptions, plan: DevicePlan, out: TextIO) -> int:
         secret = opts.state_dir / WORKER_SECRET
         atomic_write_text(secret, secrets.token_hex(32))
         secret.chmod(0o600)
-        worker = ResidentWorker(worker_command(opts), env, opts.state_dir / "worker.log", opts.verbose, out)
+        worker = ResidentWorker(
+            worker_command(opts), env, opts.state_dir / "worker.log", opts.verbose, out, cwd=opts.state_dir
+        )
     return _supervise(opts, cmd, env, out, worker)
 
 
@@ -332,7 +340,9 @@ def _supervise_until(
     print(f"joining {opts.coordinator} (SuperNode log: {log_path}); Ctrl-C to stop", file=out)
     while not stop.is_set():
         refused: list[str] = []
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec())
+        proc = subprocess.Popen(  # in the state dir: a relative path a campaign names resolves among fedtune's files
+            cmd, env=env, cwd=opts.state_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec()
+        )
         assert proc.stdout is not None
         pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, opts.verbose, refused, watch), daemon=True)
         pump.start()

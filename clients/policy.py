@@ -4,9 +4,9 @@ Job
     :class:`ContributorPolicy` is what a contributor will accept, decided on its own machine (PEFT-config style:
     a typed, validated dataclass that saves to and loads from ``STATE_DIR/policy.toml``): DP required or not, the
     most ε it will ever spend, the least noise multiplier, the largest δ, its accountant, the smallest shard, secure
-    mode, its secure-aggregation limits, and the most work it takes on per round (local steps, sequence length).
-    :func:`load_policy` reads it for a round; ``fedtune join`` writes it
-    from its flags (:func:`update_policy_file`); the simulation launcher writes one per virtual contributor
+    mode, its secure-aggregation limits, and the most work it takes on per round (local steps, sequence length,
+    rank, batch). :func:`load_policy` reads it for a round; ``fedtune join`` writes it from its flags
+    (:func:`update_policy_file`); the simulation launcher writes one per virtual contributor
     (:func:`prepare_simulated_contributors`). :class:`CampaignPins` are the privacy and secure-aggregation
     parameters of the first campaign the contributor trained for, kept in ``STATE_DIR/pins.json``; a later round
     that asks for less protection is declined. :func:`campaign_refusal`, :meth:`CampaignPins.refusal` and
@@ -21,9 +21,8 @@ Threat
     training, so a refused round costs no ε. What a deployed contributor trains on is its own choice too
     (:func:`apply_own_data`): its ``--data``, or a public hub dataset, never a local path the coordinator names
     (any file this user can read, made training data). The coordinator also decides how much work a round is:
-    without the work caps, a campaign asking for a million local steps or million-token sequences would hold the
-    contributor's machine for days or exhaust its memory (the batch is capped by the contributor's own
-    ``--batch-size``).
+    without the work caps (:func:`work_refusal`), a campaign asking for a million local steps, million-token
+    sequences, a rank of 10⁶ or a huge batch would hold the contributor's machine for days or exhaust its memory.
 
 Pitfalls
     - A decline's reason travels to the coordinator: it names campaign and policy values only, never the shard

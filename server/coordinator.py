@@ -138,7 +138,7 @@ class Coordinator:
     bind: str | None = None
     insecure: bool = False
     home_dir: Path | None = None
-    out: TextIO = field(default=sys.stdout)
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # the stdout of the call, not of the import
     home: CoordinatorHome | None = None
     link: subprocess.Popen[bytes] | None = None
     superexec: subprocess.Popen[bytes] | None = None
@@ -428,11 +428,12 @@ def coordinate(
     insecure: bool = False,
     bind: str | None = None,
     home: Path | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     status_every_s: float = 10.0,
 ) -> int:
     """Run a campaign to its end: 0 when every round is recorded, 1 when the run ended early, 2 on bad input
     (nothing written), 130 on Ctrl-C or SIGTERM."""
+    out = out or sys.stdout  # resolved per call: a default bound at import would outlive a replaced stdout
     co = Coordinator(Path(config_path), Path(run_dir) if run_dir else None, address, bind, insecure, home, out)
     try:
         cfg = co.validate()

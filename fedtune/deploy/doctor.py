@@ -274,9 +274,10 @@ def _verify(
 
 
 def run_doctor(
-    coordinator: str | None = None, gpu: int | None = None, out: TextIO = sys.stdout, root_cert: Path | None = None
+    coordinator: str | None = None, gpu: int | None = None, out: TextIO | None = None, root_cert: Path | None = None
 ) -> int:
-    """Run every check, print the results, return 1 if any failed."""
+    """Run every check, print the results (to ``out``, else this call's stdout), return 1 if any failed."""
+    out = out or sys.stdout
     steps: list[Callable[[], Check | list[Check]]] = [
         check_python,
         check_imports,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import tomli_w
 
@@ -292,6 +293,9 @@ def test_campaign_runs_across_contributors_and_survives_a_killed_one(federation:
     for proc in (fed.coordinator, *(c.proc for c in fed.contributors)):  # SuperLink, SuperNodes, workers, ServerApp
         assert proc is not None
         assert not telemetry_on(proc.pid), telemetry_on(proc.pid)  # nothing reports to telemetry.flower.ai
+    for c in fed.contributors:  # a relative path a campaign names resolves in the state dir, not the user's folder
+        assert c.proc is not None
+        assert {p.cwd() for p in psutil.Process(c.proc.pid).children(recursive=True)} == {str(c.state_dir)}
     # the resident worker says which task it is serving: after round 1, any task in progress is round 2's
     wait_for(lambda: worker_stats(victim).get("serving"), 120, "the victim's round-2 task", interval_s=0.05)
     assert not clientapps_in_group(victim.proc.pid)  # no flwr-clientapp process per message

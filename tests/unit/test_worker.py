@@ -264,7 +264,9 @@ def test_resident_worker_is_restarted_when_it_dies(tmp_path: Path) -> None:
     from fedtune.clients.join import ResidentWorker
 
     out = io.StringIO()
-    worker = ResidentWorker([sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path / "w.log", False, out)
+    worker = ResidentWorker(
+        [sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path / "w.log", False, out, cwd=tmp_path
+    )
     worker.start()
     assert worker.proc is not None and worker.proc.wait(30) == 3
     worker.check()  # schedules the restart (1 s after the first exit)
