@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from fedtune.config import CampaignConfig, ConfigError
+from fedtune.config import CampaignConfig, ConfigError, looks_local
 from fedtune.console import campaign_round_line
 from fedtune.deploy.bundle import COMPONENTS, write_shim
 from fedtune.deploy.control import ControlClient
@@ -230,6 +230,12 @@ class Coordinator:
                 f"warning: contributors with the default policy will decline every round: {default_refusal.reason} "
                 "(a contributor accepts it only with `fedtune join` flags that say so)",
                 file=sys.stderr,
+            )
+        if looks_local(cfg.data.source):
+            print(
+                f"contributors train on their own data (fedtune join --data); {cfg.data.source} stays here (one "
+                "without --data declines: a contributor never reads a local path a campaign names)",
+                file=self.out,
             )
         if self.insecure and not is_loopback(listen_host):
             print(

@@ -256,13 +256,18 @@ def test_coordinate_warns_when_contributors_with_the_default_policy_would_declin
 
     from fedtune.server.coordinator import Coordinator
 
+    capsys_out: list[str] = []
+
     def warning(**sections: dict) -> str:
         config = tmp_path / "campaign.toml"
         config.write_text(tomli_w.dumps(small_campaign(**sections)))
         Coordinator(config, tmp_path / "run", "127.0.0.1:9092", home_dir=tmp_path / "home").validate()
-        return capsys.readouterr().err
+        captured = capsys.readouterr()
+        capsys_out.append(captured.out)
+        return captured.err
 
     assert "default policy will decline" not in warning(privacy=DP)
+    assert "contributors train on their own data (fedtune join --data)" in capsys_out[-1]
     assert "without differential privacy" in warning()
     long = warning(privacy=DP, federation={"local_steps": 5000})
     assert "local_steps 5000 above this contributor's maximum 1000" in long
