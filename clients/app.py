@@ -295,7 +295,7 @@ def local_update(
         ws.model,
         ws.shard,
         steps=fed.local_steps,
-        learning_rate=fed.learning_rate,
+        learning_rate=fed.learning_rate_for(server_round),
         randomness=round_randomness(context, policy, server_round, ws.device),
         privacy=privacy,
         secure_mode=policy.secure_mode,

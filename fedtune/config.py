@@ -8,6 +8,7 @@ what was found, so a researcher can fix the file from one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -110,11 +111,23 @@ class FederationSection:
     batch_size: int = 8
     micro_batch_size: int = 0  # > 0: run each batch in chunks of this many sequences (same step, less memory)
     learning_rate: float = 1e-3
+    # per-round contributor learning rate: "cosine" anneals from learning_rate (round 1) towards min_learning_rate
+    # (reached after the last round), as FlowerTune's baselines do; late DP noise then moves the adapter less
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_learning_rate: float = 0.0
     keep_optimizer_state: bool = True  # each contributor's local AdamW moments carry over to its next round
     server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedavgm"] = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
     round_timeout_s: float = 3600.0
+
+    def learning_rate_for(self, server_round: int) -> float:
+        """The contributors' learning rate in ``server_round`` (1-based) under :attr:`lr_schedule`."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        progress = min(max(server_round - 1, 0), self.rounds) / self.rounds  # min only after the last round
+        span = self.learning_rate - self.min_learning_rate
+        return self.min_learning_rate + 0.5 * span * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -413,6 +426,13 @@ def _check_semantics(cfg: CampaignConfig, path: Path) -> None:
         "[data] max_seq_len",
         "an integer >= 2 (at least one token plus the end-of-sequence token)",
         data.max_seq_len,
+    )
+    _require(
+        0 <= fed.min_learning_rate <= fed.learning_rate,
+        path,
+        "[federation] min_learning_rate",
+        f"a number in [0, learning_rate = {fed.learning_rate:g}]",
+        fed.min_learning_rate,
     )
     _require(0 <= lora.dropout < 1, path, "[lora] dropout", "a number in [0, 1)", lora.dropout)
     _require(

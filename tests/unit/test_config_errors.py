@@ -34,6 +34,8 @@ def run_bad(capsys: pytest.CaptureFixture[str], path: Path, tmp_path: Path) -> s
         ({"federation": {"rounds": 0}}, "[federation] rounds", "an integer >= 1"),
         ({"federation": {"server_optimizer": "sgd"}}, "[federation] server_optimizer", "'fedadam'"),
         ({"federation": {"min_cohort": 5}}, "[federation] min_cohort", "at most contributors_per_round"),
+        ({"federation": {"min_learning_rate": 0.02}}, "[federation] min_learning_rate", "[0, learning_rate = 0.01]"),
+        ({"federation": {"lr_schedule": "step"}}, "[federation] lr_schedule", "'cosine'"),
         ({"data": {"source": "missing/shard.jsonl"}}, "[data] source", "an existing data file"),
         ({"data": {"format": "instruction"}}, "[data] source", "needs field(s) ['instruction', 'response']"),
         ({"simulation": {"partitioner": "shards"}}, "[simulation] partitioner", "'dirichlet'"),

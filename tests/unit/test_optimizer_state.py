@@ -94,3 +94,40 @@ def test_another_campaign_or_a_damaged_file_starts_cold(
         assert gap(rounds(model, shard, start, [None, first]), cold) < 1e-7
     assert "starts cold" in caplog.text
     assert torch.load(tmp_path / STATE_FILE, weights_only=True)["key"] == first.key  # overwritten by a valid one
+
+
+def test_a_cosine_campaign_trains_each_round_at_its_annealed_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round r of a cosine campaign is the same local run as a constant campaign at the rate computed here by hand,
+    lr_min + (lr - lr_min)(1 + cos(π (r - 1)/R))/2, through fedtune's ClientApp (same reproducible draws)."""
+    import math
+
+    from flwr.app import MessageType
+
+    from fedtune.clients.app import app
+    from fedtune.clients.policy import SIMULATION_SEED_ENV, SIMULATION_STATE_ROOT_ENV, prepare_simulated_contributors
+    from fedtune.ml.model import base_fingerprint
+    from fedtune.wire import Layout, TrainRequest
+
+    from .inprocess_grid import InProcessGrid
+
+    rounds, server_round, high, low = 8, 5, 0.02, 0.002
+    monkeypatch.setenv(SIMULATION_SEED_ENV, "7")
+
+    def trained(name: str, **federation: object) -> dict:
+        fed = {"rounds": rounds, "local_steps": STEPS, "batch_size": BATCH, "keep_optimizer_state": False}
+        cfg = CampaignConfig.from_dict(small_campaign(federation=fed | federation))
+        start = trainable_arrays(build_model(cfg)[0])
+        monkeypatch.setenv(SIMULATION_STATE_ROOT_ENV, str(tmp_path / name))
+        prepare_simulated_contributors(cfg, tmp_path / name)
+        grid = InProcessGrid(app, {1: {"partition-id": 0, "num-partitions": 3}})
+        request = TrainRequest.of(cfg, base_fingerprint(cfg.model), server_round, start)
+        (reply,) = grid.send_and_receive([grid.create_message(request.content(), MessageType.TRAIN, 1, "1")])
+        assert not reply.has_error(), reply.error.reason
+        return Layout.of(start).unpack(reply.content.array_records["arrays"])
+
+    by_hand = low + (high - low) * (1 + math.cos(math.pi * (server_round - 1) / rounds)) / 2
+    cosine = trained("cosine", learning_rate=high, min_learning_rate=low, lr_schedule="cosine")
+    assert gap(cosine, trained("constant", learning_rate=by_hand)) < 1e-6
+    assert gap(cosine, trained("peak", learning_rate=high)) > 1e-3  # the schedule did change this round
