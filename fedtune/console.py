@@ -29,6 +29,8 @@ def campaign_round_line(row: dict[str, Any]) -> str:
 
 def contributor_round_line(row: dict[str, Any]) -> str:
     """One line for a round of a contributor's own ``rounds.jsonl``."""
+    if row.get("error"):
+        return f"a round failed: {row['error']} (the coordinator was told only the exception's type)"
     if row.get("declined"):
         return f"round {row.get('round')}: declined ({row.get('reason', 'no reason given')})"
     parts = [f"round {row.get('round')}: trained {row.get('examples', 0)} examples, {row.get('tokens', 0)} tokens"]

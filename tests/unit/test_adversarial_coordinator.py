@@ -35,6 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from fedtune.clients.app import app
 from fedtune.clients.trainer import Randomness, train_local
 from fedtune.config import CampaignConfig
+from fedtune.console import contributor_round_line
 from fedtune.ml.data import load_shard
 from fedtune.ml.model import base_fingerprint, build_model, load_trainable, trainable_arrays
 from fedtune.privacy import ContributorPrivacy, PrivacyParams
@@ -469,7 +470,8 @@ def test_a_failed_round_tells_the_coordinator_nothing_of_the_contributors_machin
     for private in ("alice-medical-notes", "patient_note", str(tmp_path)):
         assert private not in reply.error.reason, reply.error.reason
     assert "DataError" in reply.error.reason
-    assert "patient_note" in c.rounds()[-1]["error"]  # the contributor's own log has it
+    assert "patient_note" in c.rounds()[-1]["error"]  # the contributor's own log has it, and join shows it
+    assert "patient_note" in contributor_round_line(c.rounds()[-1]).removeprefix("a round failed: ")
     reasons = set()
     for probed in (tmp_path / "c", tmp_path / "no-such-folder"):  # exists / does not: indistinguishable
         raw = small_campaign(privacy=DP, federation=FED, model={"name": str(probed)})
