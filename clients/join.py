@@ -263,6 +263,13 @@ def run_join(opts: JoinOptions, out: TextIO | None = None, policy: Any = None) -
     except OSError as exc:
         print(f"error: --state-dir {opts.state_dir}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from .policy import POLICY_FILE, ContributorPolicy, PolicyError
+
+    try:
+        print(f"policy: {ContributorPolicy.load(opts.state_dir).summary()} ({opts.state_dir / POLICY_FILE})", file=out)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return _start(opts, plan, out)
 
 

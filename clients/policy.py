@@ -155,6 +155,16 @@ class ContributorPolicy:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def summary(self) -> str:
+        """What this contributor accepts, on one line (``fedtune join`` prints it at start)."""
+        dp = f"DP-SGD required, ε ≤ {self.max_epsilon:g} for good" if self.require_dp else "DP not required"
+        secagg = f"SecAgg+ required (cohort ≥ {self.secagg_min_cohort})" if self.require_secagg else "SecAgg+ optional"
+        return (
+            f"{dp} (σ ≥ {self.min_noise_multiplier:g}, δ ≤ {self.max_delta:g}, {self.accountant}); {secagg}; per round "
+            f"≤ {self.max_local_steps} steps, sequences ≤ {self.max_seq_len} tokens, rank ≤ {self.max_rank}, "
+            f"batch ≤ {self.max_batch_size}"
+        )
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ContributorPolicy:
         """Build from a mapping (a parsed policy file); unknown keys are refused, missing ones take the default."""

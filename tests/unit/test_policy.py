@@ -121,6 +121,8 @@ def test_join_flags_write_the_policy_and_dp_stays_required_unless_allowed(
     policy = ContributorPolicy.load(tmp_path)
     assert (policy.max_local_steps, policy.max_seq_len, policy.max_epsilon) == (50, 256, 3.0)
     assert "max_local_steps" in (write_join_policy(join_args(tmp_path, "--max-local-steps", "0")) or "")
+    summary = ContributorPolicy.load(tmp_path).summary()  # what join prints at start
+    assert "ε ≤ 3 for good" in summary and "≤ 50 steps" in summary and "sequences ≤ 256 tokens" in summary
 
 
 @pytest.mark.slow
