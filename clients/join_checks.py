@@ -162,10 +162,14 @@ def _what(path: Path) -> str:
     return "a folder" if path.is_dir() else "something that is not a regular file"
 
 
+NODE_MAX_RANK, NODE_BATCH_SIZE, NODE_MICRO_BATCH = "max-rank", "batch-size", "micro-batch"
+"""The node-config keys of the work a contributor takes on: written here (``join``), read by
+:func:`fedtune.clients.workspace.local_choice`. Defined in this light module so ``join`` does not import the
+training stack to name them."""
+
+
 def work_options(opts: Any) -> dict[str, int]:
     """The node-config keys of the work this contributor takes on (``--max-rank``, ``--batch-size``, ...)."""
-    from .workspace import NODE_BATCH_SIZE, NODE_MAX_RANK, NODE_MICRO_BATCH
-
     given = {NODE_MAX_RANK: opts.max_rank, NODE_BATCH_SIZE: opts.batch_size, NODE_MICRO_BATCH: opts.micro_batch}
     return {key: int(value) for key, value in given.items() if value is not None}
 

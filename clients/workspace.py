@@ -55,6 +55,7 @@ from fedtune.ml.model import QuantizationUnavailable, build_model, lora_scaling,
 from fedtune.ml.precision import Precision
 from fedtune.wire import Work
 
+from .join_checks import NODE_BATCH_SIZE, NODE_MAX_RANK, NODE_MICRO_BATCH
 from .policy import SIMULATION_STATE_ROOT_ENV
 
 log = logging.getLogger("fedtune.client")
@@ -67,9 +68,6 @@ HARDWARE_FILE = "hardware.json"
 WORKSPACE_STATS_DIR = "workspaces"
 """Under a simulation's state root: one ``HOST-PID.json`` per process with its cache's counters."""
 GIB = 2**30
-
-# node-config keys a contributor sets for itself (``fedtune join`` flags)
-NODE_MAX_RANK, NODE_BATCH_SIZE, NODE_MICRO_BATCH = "max-rank", "batch-size", "micro-batch"
 
 
 @dataclass(frozen=True)

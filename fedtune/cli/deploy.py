@@ -59,7 +59,6 @@ def join_policy(args: argparse.Namespace) -> tuple[Any, str | None]:
     import os
 
     from fedtune.clients.policy import SIMULATION_SEED_ENV, ContributorPolicy, PolicyError
-    from fedtune.clients.trainer import secure_mode_missing
 
     if SIMULATION_SEED_ENV in os.environ:
         return None, (
@@ -70,8 +69,11 @@ def join_policy(args: argparse.Namespace) -> tuple[Any, str | None]:
         policy = dataclasses.replace(ContributorPolicy.load(Path(args.state_dir).expanduser().resolve()), **changes)
     except (PolicyError, OSError) as exc:
         return None, str(exc)
-    if policy.secure_mode and (missing := secure_mode_missing()) is not None:
-        return None, missing
+    if policy.secure_mode:
+        from fedtune.clients.trainer import secure_mode_missing  # the training stack: only when it matters
+
+        if (missing := secure_mode_missing()) is not None:
+            return None, missing
     return policy, None
 
 

@@ -21,35 +21,80 @@ The loop is :func:`fedtune.clients.trainer.train_local`, one for plain and DP tr
 
 from __future__ import annotations
 
-from .accounting import (
-    STATE_FILE,
-    SUMMARY_FILE,
-    ContributorPrivacy,
-    PrivacyBudgetExceeded,
-    calibrate_noise,
-    epsilon_of,
-    restore_accountant,
-)
-from .clipping import clip_update
-from .dpsgd import (
-    PrivateRun,
-    batch_rows,
-    enable_dp_gradient_checkpointing,
-    make_private,
-    poisson_loader,
-    trainable_parameters,
-)
-from .params import (
-    DEFAULT_DELTA,
-    AccountantKind,
-    GradSampleMode,
-    Mechanism,
-    PrivacyParams,
-    delta_fits,
-    resolve_delta,
-    sample_rate_for,
-)
-from .release import EPSILON_STEP, LOSS_MAX, LOSS_STEP, coarse_epsilon, coarse_loss
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .accounting import (
+        STATE_FILE,
+        SUMMARY_FILE,
+        ContributorPrivacy,
+        PrivacyBudgetExceeded,
+        calibrate_noise,
+        epsilon_of,
+        restore_accountant,
+    )
+    from .clipping import clip_update
+    from .dpsgd import (
+        PrivateRun,
+        batch_rows,
+        enable_dp_gradient_checkpointing,
+        make_private,
+        poisson_loader,
+        trainable_parameters,
+    )
+    from .params import (
+        DEFAULT_DELTA,
+        AccountantKind,
+        GradSampleMode,
+        Mechanism,
+        PrivacyParams,
+        delta_fits,
+        resolve_delta,
+        sample_rate_for,
+    )
+    from .release import EPSILON_STEP, LOSS_MAX, LOSS_STEP, coarse_epsilon, coarse_loss
+
+_HOME = {
+    "STATE_FILE": "accounting",
+    "SUMMARY_FILE": "accounting",
+    "ContributorPrivacy": "accounting",
+    "PrivacyBudgetExceeded": "accounting",
+    "calibrate_noise": "accounting",
+    "epsilon_of": "accounting",
+    "restore_accountant": "accounting",
+    "clip_update": "clipping",
+    "PrivateRun": "dpsgd",
+    "batch_rows": "dpsgd",
+    "enable_dp_gradient_checkpointing": "dpsgd",
+    "make_private": "dpsgd",
+    "poisson_loader": "dpsgd",
+    "trainable_parameters": "dpsgd",
+    "DEFAULT_DELTA": "params",
+    "AccountantKind": "params",
+    "GradSampleMode": "params",
+    "Mechanism": "params",
+    "PrivacyParams": "params",
+    "delta_fits": "params",
+    "resolve_delta": "params",
+    "sample_rate_for": "params",
+    "EPSILON_STEP": "release",
+    "LOSS_MAX": "release",
+    "LOSS_STEP": "release",
+    "coarse_epsilon": "release",
+    "coarse_loss": "release",
+}
+"""Where each name lives: the package loads a submodule when one of its names is first used, so a light user
+(the join agent's policy check reads only :mod:`.params`) does not import Opacus and transformers."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_DELTA",

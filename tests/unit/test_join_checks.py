@@ -18,7 +18,7 @@ from fedtune.clients.workspace import NODE_BATCH_SIZE, NODE_MAX_RANK, NODE_MICRO
 from fedtune.config import load_config
 from fedtune.deploy.keys import ensure_keys
 
-from ..conftest import DATA
+from ..conftest import DATA, run_python
 
 # -- bad input: one line, exit 2, nothing on disk ----------------------------------------------------------
 
@@ -237,3 +237,32 @@ def test_watched_strings_are_flowers() -> None:
     from flwr.supercore.error import catalog
 
     assert join_checks.REFUSED_KEY_MARKER in inspect.getsource(catalog)
+
+
+JOIN_AGENT_IMPORTS = """
+import sys
+from pathlib import Path
+from fedtune.cli import build_parser
+from fedtune.cli.deploy import write_join_policy
+from fedtune.clients.join import JoinOptions, node_config
+from fedtune.clients.join_checks import check_join
+from fedtune.clients.policy import ContributorPolicy
+from fedtune.deploy.keys import ensure_keys
+state = Path(sys.argv[1])
+flags = ["--insecure", "--state-dir", str(state), "--batch-size", "4", "--max-local-steps", "50"]
+assert write_join_policy(build_parser().parse_args(["join", "--coordinator", "127.0.0.1:1", *flags])) is None
+opts = JoinOptions(coordinator="127.0.0.1:1", state_dir=state, insecure=True, batch_size=4)
+assert not isinstance(check_join(opts), str)
+node_config(opts, ensure_keys(state), 1.0, "cpu")
+print(ContributorPolicy.load(state).summary())
+print("heavy:", sorted(m for m in ("transformers", "peft", "opacus", "datasets") if m in sys.modules))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_the_join_agent_checks_and_configures_without_the_training_stack(tmp_path: Path) -> None:
+    """``join`` itself only checks, writes its policy and starts processes: importing transformers, PEFT,
+    Opacus and datasets there cost each start seconds of CPU (the worker loads them, once)."""
+    proc = run_python(JOIN_AGENT_IMPORTS, str(tmp_path / "state"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "≤ 50 steps" in proc.stdout and "heavy: []" in proc.stdout, proc.stdout
