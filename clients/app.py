@@ -71,8 +71,10 @@ from .policy import (
     apply_own_data,
     campaign_refusal,
     contributor_state_dir,
+    download_refusal,
     load_policy,
     shard_refusal,
+    simulating,
     simulation_seed,
     work_refusal,
 )
@@ -255,11 +257,13 @@ def local_update(
     who = contributor_info(cfg, context)
     if data_refusal is not None:
         return decline(message, context, server_round, who, data_refusal)
+    folder, policy = contributor_state_dir(context), load_policy(context)
+    if not simulating(context) and (too_big := download_refusal(policy, cfg)) is not None:
+        return decline(message, context, server_round, who, too_big)
     try:
         check_fingerprint(cfg.model, request.base_fingerprint)
     except Exception as exc:  # different, or no such model here: one reason for both, so no probe of the disk
         return decline(message, context, server_round, who, Refusal(NO_BASE, f"{type(exc).__name__}: {exc}"))
-    folder, policy = contributor_state_dir(context), load_policy(context)
     pins = CampaignPins.load(folder)
     secure = message.metadata.message_type == secagg_message_type(SECAGG_ADVERTISE)
     refusal = campaign_refusal(policy, cfg, secure) or (pins.refusal(CampaignPins.of(cfg)) if pins else None)

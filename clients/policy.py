@@ -109,6 +109,8 @@ class ContributorPolicy:
         Decline a LoRA rank above this unless ``--max-rank`` takes on less (a rank of 10⁶ would exhaust memory).
     max_batch_size
         Decline a batch above this unless ``--batch-size`` takes on less.
+    max_download_gb
+        Decline a campaign whose hub base model (or hub dataset, without ``--data``) would take more to download.
     """
 
     require_dp: bool = True
@@ -127,6 +129,7 @@ class ContributorPolicy:
     max_seq_len: int = 4096
     max_rank: int = 256
     max_batch_size: int = 1024
+    max_download_gb: float = 50.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -147,6 +150,7 @@ class ContributorPolicy:
             "max_seq_len must be >= 1": self.max_seq_len >= 1,
             "max_rank must be >= 1": self.max_rank >= 1,
             "max_batch_size must be >= 1": self.max_batch_size >= 1,
+            "max_download_gb must be > 0": self.max_download_gb > 0,
         }
         for message, ok in checks.items():
             if not ok:
@@ -162,7 +166,7 @@ class ContributorPolicy:
         return (
             f"{dp} (σ ≥ {self.min_noise_multiplier:g}, δ ≤ {self.max_delta:g}, {self.accountant}); {secagg}; per round "
             f"≤ {self.max_local_steps} steps, sequences ≤ {self.max_seq_len} tokens, rank ≤ {self.max_rank}, "
-            f"batch ≤ {self.max_batch_size}"
+            f"batch ≤ {self.max_batch_size}; downloads ≤ {self.max_download_gb:g} GB"
         )
 
     @classmethod
@@ -415,6 +419,51 @@ def work_refusal(
     if not over:
         return None
     return Refusal(f"the campaign asks for more work than this contributor takes on: {'; '.join(over)}")
+
+
+def download_refusal(policy: ContributorPolicy, cfg: CampaignConfig) -> Refusal | None:
+    """Whether the campaign's hub base (and, without ``--data``, its hub dataset) would pass ``max_download_gb``.
+
+    Asked of the hub's file list before anything is fetched; a base already in the local cache costs nothing. A
+    hub the contributor cannot ask says nothing here: the download that follows fails the same way.
+    """
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, snapshot_download
+
+    from fedtune.config import is_builtin
+    from fedtune.ml.model import HUB_MODEL_FILES
+
+    wanted: list[tuple[str, str, Any]] = []  # (what, repo id, its files' sizes)
+    model = cfg.model
+    if not is_builtin(model.name) and not Path(model.name).expanduser().is_absolute():
+        try:
+            snapshot_download(
+                model.name, revision=model.revision, allow_patterns=HUB_MODEL_FILES, local_files_only=True
+            )
+        except Exception:  # not in the local cache: it would be fetched
+            wanted.append(
+                (
+                    "base model",
+                    model.name,
+                    lambda: HfApi().model_info(model.name, revision=model.revision, files_metadata=True),
+                )
+            )
+    if cfg.data.source and not looks_local(cfg.data.source) and not Path(cfg.data.source).exists():
+        wanted.append(("dataset", cfg.data.source, lambda: HfApi().dataset_info(cfg.data.source, files_metadata=True)))
+    for what, repo, info in wanted:
+        try:
+            siblings = info().siblings or []
+        except Exception:
+            continue
+        patterns = HUB_MODEL_FILES if what == "base model" else ["*"]
+        size = sum(s.size or 0 for s in siblings if any(fnmatch(s.rfilename, p) for p in patterns))
+        if size > policy.max_download_gb * 2**30:
+            return Refusal(
+                f"the campaign's {what} {repo} is {size / 2**30:.1f} GB to download, above this contributor's "
+                f"maximum {policy.max_download_gb:g} GB"
+            )
+    return None
 
 
 def shard_refusal(policy: ContributorPolicy, shard_size: int, delta: float | None) -> Refusal | None:

@@ -72,6 +72,10 @@ def _device_map(device: str | torch.device) -> dict[str, str | int]:
     return {"": dev.type}
 
 
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+"""What is fetched of a hub base: config, weights and tokenizer files."""
+
+
 def resolve_model_dir(model: ModelSection) -> Path:
     """Local directory holding the base model's files (builds built-ins, reads the hub cache).
 
@@ -85,11 +89,7 @@ def resolve_model_dir(model: ModelSection) -> Path:
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            model.name, revision=model.revision, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
-        )
-    )
+    return Path(snapshot_download(model.name, revision=model.revision, allow_patterns=HUB_MODEL_FILES))
 
 
 def load_base(

@@ -299,6 +299,49 @@ def test_more_work_than_the_policy_takes_on_is_declined_before_training(
     assert not is_decline(less.train(CampaignConfig.from_dict(bigger), 1, start, fingerprint))
 
 
+HUGE_HUB_MODEL = """
+import http.server, json, os, sys, threading
+from pathlib import Path
+GIB, asked = 2**30, []
+class Hub(http.server.BaseHTTPRequestHandler):  # a hub on loopback that lists a 100 GB model and serves nothing
+    def do_GET(self):
+        asked.append(self.path)
+        if not self.path.startswith("/api/models/bigorg/huge-model"):
+            self.send_response(404); self.end_headers(); return
+        files = [("config.json", 600), ("model-00001-of-00002.safetensors", 60 * GIB),
+                 ("model-00002-of-00002.safetensors", 40 * GIB)]
+        body = json.dumps({"id": "bigorg/huge-model", "sha": "a" * 40,
+                           "siblings": [{"rfilename": n, "size": b} for n, b in files]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    do_HEAD = do_GET
+    def log_message(self, *args): pass
+hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+threading.Thread(target=hub.serve_forever, daemon=True).start()
+os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}", HF_HUB_OFFLINE="0",
+                  HF_HOME=sys.argv[2])
+from fedtune.config import CampaignConfig
+from fedtune.ml.model import build_model, trainable_arrays
+from tests.conftest import small_campaign
+from tests.unit.test_adversarial_coordinator import DP, FED, contributor, declined_for
+start = trainable_arrays(build_model(CampaignConfig.from_dict(small_campaign()))[0])
+cfg = CampaignConfig.from_dict(small_campaign(privacy=DP, federation=FED, model={"name": "bigorg/huge-model"}))
+c = contributor(Path(sys.argv[1]))
+print(declined_for(c.train(cfg, 1, start, "0" * 64), "100.0 GB to download", "maximum 50 GB"))
+print("fetched:", [p for p in asked if "/resolve/" in p], "steps spent:", c.steps_spent())
+"""
+
+
+@pytest.mark.slow  # a child process with a hub endpoint of its own
+def test_a_base_model_too_big_to_download_is_declined_before_the_download(tmp_path: Path) -> None:
+    """The coordinator names the base: a 100 GB hub model would fill a home contributor's disk and link. The
+    contributor asks the hub's file list first (here a loopback stand-in) and declines above ``max_download_gb``
+    (50 GB by default), fetching nothing."""
+    proc = run_python(HUGE_HUB_MODEL, str(tmp_path / "c"), str(tmp_path / "hf-home"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fetched: [] steps spent: 0" in proc.stdout, proc.stdout
+
+
 def test_a_bigger_delta_is_declined(tmp_path: Path, start: dict, fingerprint: str) -> None:
     c = contributor(tmp_path / "c")
     declined_for(c.train(campaign(delta=1e-3), 1, start, fingerprint), "δ")

@@ -70,6 +70,7 @@ def test_policy_file_round_trip_defaults_and_refusals(tmp_path: Path) -> None:
         ({"secagg_max_corrupt_fraction": 0.6, "secagg_max_dropout_fraction": 0.5}, "< 1"),
         ({"max_local_steps": 0}, "max_local_steps"),
         ({"max_seq_len": 2.5}, "max_seq_len must be"),
+        ({"max_download_gb": 0}, "max_download_gb"),
     ):
         with pytest.raises(PolicyError, match=match):
             ContributorPolicy.from_dict(bad)
