@@ -273,10 +273,12 @@ def local_update(
         return decline(message, context, server_round, who, refusal)
     partition_id, num_partitions = _partition(context)
     choice = local_choice(cfg, context.node_config, partition_id)
-    if not isinstance(choice, str) and (over := work_refusal(policy, cfg, choice.rank, choice.batch_size)):
+    if isinstance(choice, str):  # this contributor's choices do not fit the campaign
+        return decline(message, context, server_round, who, Refusal(choice))
+    if (over := work_refusal(policy, cfg, choice.rank, choice.batch_size)) is not None:
         return decline(message, context, server_round, who, over)
-    ws = open_workspace(cfg, request.campaign_toml, context.node_config, (partition_id, num_partitions))
-    if isinstance(ws, str):  # this contributor's hardware or choices do not fit the campaign
+    ws = open_workspace(cfg, request.campaign_toml, context.node_config, (partition_id, num_partitions), choice)
+    if isinstance(ws, str):  # this contributor's hardware does not fit the campaign
         return decline(message, context, server_round, who, Refusal(ws))
     fed, private = cfg.federation, cfg.privacy.mechanism == "dp-sgd"
     privacy, refusal = open_privacy(cfg, policy, pins, folder, len(ws.shard), ws.batch_size)

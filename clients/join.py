@@ -266,10 +266,11 @@ def run_join(opts: JoinOptions, out: TextIO | None = None, policy: Any = None) -
     from .policy import POLICY_FILE, ContributorPolicy, PolicyError
 
     try:
-        print(f"policy: {ContributorPolicy.load(opts.state_dir).summary()} ({opts.state_dir / POLICY_FILE})", file=out)
+        accepted = policy if policy is not None else ContributorPolicy.load(opts.state_dir)  # just saved, or the file
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    print(f"policy: {accepted.summary()} ({opts.state_dir / POLICY_FILE})", file=out)
     return _start(opts, plan, out)
 
 

@@ -38,12 +38,13 @@ Pitfalls
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -253,6 +254,12 @@ def contributor_state_dir(context: Context) -> Path:
     )
 
 
+def names_local_path(source: str) -> bool:
+    """Whether a data source or model name would be read from this machine rather than fetched from the hub:
+    written as a path, or a hub-id-shaped name (``org/name``) that exists where the contributor runs."""
+    return looks_local(source) or Path(source).expanduser().exists()
+
+
 def apply_own_data(cfg: CampaignConfig, context: Context) -> Refusal | None:
     """Make ``cfg`` the campaign as this contributor runs it, or say why it will not train on the campaign's data.
 
@@ -269,8 +276,7 @@ def apply_own_data(cfg: CampaignConfig, context: Context) -> Refusal | None:
     if own:
         cfg.data.source = own
         return None
-    source = cfg.data.source
-    if looks_local(source) or Path(source).expanduser().exists():
+    if names_local_path(cfg.data.source):
         return Refusal(
             "the campaign names local data; this contributor trains only on its own (fedtune join --data) or on a "
             "public hub dataset"
@@ -434,7 +440,7 @@ def download_refusal(policy: ContributorPolicy, cfg: CampaignConfig) -> Refusal 
     from fedtune.config import is_builtin
     from fedtune.ml.model import HUB_MODEL_FILES
 
-    wanted: list[tuple[str, str, Any]] = []  # (what, repo id, its files' sizes)
+    wanted: list[tuple[str, str, Callable[[], Any], list[str]]] = []  # (what, repo id, its file list, the files)
     model = cfg.model
     if not is_builtin(model.name) and not Path(model.name).expanduser().is_absolute():
         try:
@@ -442,21 +448,16 @@ def download_refusal(policy: ContributorPolicy, cfg: CampaignConfig) -> Refusal 
                 model.name, revision=model.revision, allow_patterns=HUB_MODEL_FILES, local_files_only=True
             )
         except Exception:  # not in the local cache: it would be fetched
-            wanted.append(
-                (
-                    "base model",
-                    model.name,
-                    lambda: HfApi().model_info(model.name, revision=model.revision, files_metadata=True),
-                )
-            )
-    if cfg.data.source and not looks_local(cfg.data.source) and not Path(cfg.data.source).exists():
-        wanted.append(("dataset", cfg.data.source, lambda: HfApi().dataset_info(cfg.data.source, files_metadata=True)))
-    for what, repo, info in wanted:
+            info = functools.partial(HfApi().model_info, model.name, revision=model.revision, files_metadata=True)
+            wanted.append(("base model", model.name, info, HUB_MODEL_FILES))
+    if cfg.data.source and not names_local_path(cfg.data.source):
+        info = functools.partial(HfApi().dataset_info, cfg.data.source, files_metadata=True)
+        wanted.append(("dataset", cfg.data.source, info, ["*"]))
+    for what, repo, info, patterns in wanted:
         try:
             siblings = info().siblings or []
         except Exception:
             continue
-        patterns = HUB_MODEL_FILES if what == "base model" else ["*"]
         size = sum(s.size or 0 for s in siblings if any(fnmatch(s.rfilename, p) for p in patterns))
         if size > policy.max_download_gb * 2**30:
             return Refusal(

@@ -330,8 +330,9 @@ def open_workspace(
     campaign_toml: str,
     node_config: Mapping[str, Any],
     partition: tuple[int, int],
+    choice: LocalChoice,
 ) -> Workspace | str:
-    """This round's workspace, or the one-line reason this contributor declines (hardware, rank).
+    """This round's workspace, or the one-line reason this contributor declines (hardware).
 
     Parameters
     ----------
@@ -344,11 +345,11 @@ def open_workspace(
     partition : (int, int)
         Partition id and count from the node config (a deployed contributor: all of its own data, (0, 1), unless a
         benchmark starts several on one file).
+    choice : LocalChoice
+        The rank, batch and micro-batch this contributor takes on (:func:`local_choice`, checked by the caller
+        against its work caps).
     """
     partition_id, num_partitions = partition
-    choice = local_choice(cfg, node_config, partition_id)
-    if isinstance(choice, str):
-        return choice
     if (reason := unmet_requirements(cfg, contributor_hardware(node_config))) is not None:
         return reason
     device = str(node_config.get("device", "cpu"))
