@@ -313,10 +313,10 @@ def local_update(
         end = clipped_update(start, end, cfg.privacy.update_clip_norm)
     spent = float(result.privacy["epsilon_spent"]) if private else None
     report = TrainReport(
-        # the assigned work, not the Poisson draw; loss and ε on a coarse public grid (fedtune.privacy.release)
+        # the assigned work, not the Poisson draw; loss (if the policy sends it) and ε on a coarse public grid
         num_examples=fed.local_steps * ws.batch_size,
         steps=fed.local_steps,
-        train_loss=coarse_loss(result.train_loss),
+        train_loss=coarse_loss(result.train_loss) if policy.report_train_loss else None,
         epsilon=None if spent is None else coarse_epsilon(spent),
     )
     record_round(

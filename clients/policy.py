@@ -112,6 +112,10 @@ class ContributorPolicy:
         Decline a batch above this unless ``--batch-size`` takes on less.
     max_download_gb
         Decline a campaign whose hub base model (or hub dataset, without ``--data``) would take more to download.
+    report_train_loss
+        Send the round's mean train loss (coarse) with the update. Off by default: it is an un-noised function of
+        the private shard evaluated on a model the coordinator chose, so a crafted adapter and a tiny batch turn it
+        into a reading of single records that no ε covers.
     """
 
     require_dp: bool = True
@@ -131,6 +135,7 @@ class ContributorPolicy:
     max_rank: int = 256
     max_batch_size: int = 1024
     max_download_gb: float = 50.0
+    report_train_loss: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -167,7 +172,8 @@ class ContributorPolicy:
         return (
             f"{dp} (σ ≥ {self.min_noise_multiplier:g}, δ ≤ {self.max_delta:g}, {self.accountant}); {secagg}; per round "
             f"≤ {self.max_local_steps} steps, sequences ≤ {self.max_seq_len} tokens, rank ≤ {self.max_rank}, "
-            f"batch ≤ {self.max_batch_size}; downloads ≤ {self.max_download_gb:g} GB"
+            f"batch ≤ {self.max_batch_size}; downloads ≤ {self.max_download_gb:g} GB; train loss "
+            f"{'reported' if self.report_train_loss else 'kept'}"
         )
 
     @classmethod
@@ -327,8 +333,9 @@ def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolic
 
     It accepts the campaign as configured (its DP mechanism, accountant, δ and secure-aggregation minimum), caps
     ε at the campaign's target or at ``[privacy] personal_max_epsilon``'s entry for the partition, and keeps the
-    defaults for everything else (the work caps raised to the campaign's, if it asks for more). Later rounds cannot
-    change it: it is a file in the contributor's state dir.
+    defaults for everything else (the work caps raised to the campaign's, if it asks for more; the train loss
+    reported, since the researcher owns the data). Later rounds cannot change it: it is a file in the
+    contributor's state dir.
     """
     priv, sec = cfg.privacy, cfg.secure_aggregation
     cap = priv.personal_max_epsilon.get(str(partition_id))
@@ -343,6 +350,7 @@ def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolic
         accountant=priv.accountant,
         require_secagg=sec.protocol == "secagg+",
         secagg_min_cohort=sec.min_cohort,
+        report_train_loss=True,
     )
 
 

@@ -360,14 +360,15 @@ class TrainReport:
 
     Only values that are assigned or coarse: ``num_examples`` is the weight the coordinator assigned
     (``local_steps × batch_size``), never the size of a Poisson draw; ``steps`` the assigned local steps;
-    ``train_loss`` the mean train loss clipped and rounded to a public grid; ``epsilon`` the ε spent so far,
-    rounded up to a public grid (:mod:`fedtune.privacy.release`). No token or sample count, shard size or wall
-    time: those are functions of the private data (the coordinator times the round trip itself).
+    ``train_loss`` the mean train loss clipped and rounded to a public grid, only from a contributor whose policy
+    reports it (``None``: not sent); ``epsilon`` the ε spent so far, rounded up to a public grid
+    (:mod:`fedtune.privacy.release`). No token or sample count, shard size or wall time: those are functions of
+    the private data (the coordinator times the round trip itself).
     """
 
     num_examples: int
     steps: int
-    train_loss: float
+    train_loss: float | None = None  # sent only when the contributor's policy says so
     epsilon: float | None = None  # ε spent so far, when the contributor trains with DP-SGD
 
     def to_record(self) -> MetricRecord:
@@ -375,7 +376,7 @@ class TrainReport:
             {
                 NUM_EXAMPLES: self.num_examples,
                 STEPS: self.steps,
-                TRAIN_LOSS: self.train_loss,
+                **({} if self.train_loss is None else {TRAIN_LOSS: self.train_loss}),
                 DECLINED: 0,
                 **({} if self.epsilon is None else {EPSILON: self.epsilon}),
             }
@@ -386,7 +387,7 @@ class TrainReport:
         report = cls(
             num_examples=_field(record, NUM_EXAMPLES, int, where),
             steps=_field(record, STEPS, int, where),
-            train_loss=_field(record, TRAIN_LOSS, float, where),
+            train_loss=_field(record, TRAIN_LOSS, float, where, None),
             epsilon=_field(record, EPSILON, float, where, None),
         )
         if report.num_examples <= 0 or report.steps < 0:

@@ -379,7 +379,14 @@ class Update:
     node: int
     arrays: ArrayRecord
     weight: int
-    train_loss: float
+    train_loss: float | None  # None: the contributor keeps its loss to itself
+
+
+def mean_train_loss(weighted: Sequence[tuple[float, float | None]]) -> float | None:
+    """The weight-averaged loss of the contributors that sent one (``None`` when none did)."""
+    sent = [(w, loss) for w, loss in weighted if loss is not None]
+    total = sum(w for w, _ in sent)
+    return sum(w * loss for w, loss in sent) / total if sent and total > 0 else None
 
 
 def aggregate(
@@ -390,15 +397,14 @@ def aggregate(
     Rebuilding the replies keeps whatever else a contributor put in its metrics (keys others lack) from
     making Flower refuse the whole round as inconsistent. FedAvg averages the tensors weighted by
     ``weight``; FedAdam/FedYogi/FedAvgM then treat ``average − current`` as the pseudo-gradient. The updates
-    are packed adapters (:class:`~fedtune.wire.Layout`); the result is unpacked with ``layout``.
+    are packed adapters (:class:`~fedtune.wire.Layout`); the result is unpacked with ``layout``. The train loss is
+    the weighted mean of those contributors that sent one (most keep it: ``report_train_loss``), added after
+    Flower's aggregation so that a round where only some sent one is still one Flower accepts.
     """
     replies = [
         Message(
             content=RecordDict(
-                {
-                    strategy.arrayrecord_key: u.arrays,
-                    METRICS: MetricRecord({strategy.weighted_by_key: u.weight, TRAIN_LOSS: u.train_loss}),
-                }
+                {strategy.arrayrecord_key: u.arrays, METRICS: MetricRecord({strategy.weighted_by_key: u.weight})}
             ),
             dst_node_id=u.node,
             message_type=MessageType.TRAIN,
@@ -406,4 +412,7 @@ def aggregate(
         for u in updates
     ]
     record, metrics = strategy.aggregate_train(server_round, replies)
+    train_loss = mean_train_loss([(u.weight, u.train_loss) for u in updates])
+    if metrics is not None and train_loss is not None:
+        metrics[TRAIN_LOSS] = train_loss
     return (None if record is None else layout.unpack(record, "aggregate", cast=True)), metrics

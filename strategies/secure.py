@@ -81,7 +81,7 @@ from fedtune.wire import (
     secagg_message_type,
 )
 
-from .driver import NodeFates, RoundResult, Update, aggregate, exchange
+from .driver import NodeFates, RoundResult, Update, aggregate, exchange, mean_train_loss
 
 log = logging.getLogger("fedtune.secagg")
 
@@ -341,6 +341,6 @@ class SecureRound:
         """
         averaged, layout = unflatten(flatten(current) + mean_delta, current), request.layout
         weights = {u: min(float(r.num_examples), self.weight_max) for u, r in fates.inputs.items()}
-        train_loss = sum(w * fates.inputs[u].train_loss for u, w in weights.items()) / sum(weights.values())
+        train_loss = mean_train_loss([(w, fates.inputs[u].train_loss) for u, w in weights.items()])
         update = Update(min(fates.inputs), layout.pack(averaged), max(1, round(weight * self.weight_max)), train_loss)
         return aggregate(strategy, server_round, [update], layout)

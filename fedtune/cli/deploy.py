@@ -51,6 +51,7 @@ def policy_changes(args: argparse.Namespace) -> dict[str, object]:
         "secagg_max_dropout_fraction": args.secagg_max_dropout_fraction,
         "max_local_steps": args.max_local_steps,
         "max_seq_len": args.max_seq_len,
+        "report_train_loss": args.report_train_loss,
     }
 
 
@@ -219,6 +220,11 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     )
     policy.add_argument(
         "--secagg-max-dropout-fraction", type=float, help="cohort fraction assumed to drop out (default 0.2)"
+    )
+    policy.add_argument(
+        "--report-train-loss",
+        action=argparse.BooleanOptionalAction,
+        help="send each round's mean train loss, rounded, with the update (default off: no ε covers it)",
     )
     jo.add_argument("--insecure", action="store_true", help="dial without TLS (only with an --insecure coordinator)")
     jo.add_argument("--port", type=int, default=9094, help="local port of the SuperNode (one per node on a host)")

@@ -10,6 +10,8 @@ the sampling rate ``batch_size / n`` (it reveals the shard size ``n``), an exact
 record. On the grid, the ε reveals at most which step of :data:`EPSILON_STEP` it falls in (rounded up, so the
 coordinator never under-estimates what was spent) and the loss one of ``LOSS_MAX / LOSS_STEP + 1`` values
 (≤ 6.1 bits a round). Neither is covered by the DP guarantee; README's "What leaves a contributor" says so.
+The loss is computed on an adapter the coordinator chose, so a crafted one turns those bits into a reading of
+single records: it leaves only when the contributor's policy says ``report_train_loss`` (off by default).
 
 Pitfalls: round ε *up* (a coordinator planning with it must not believe more budget is left than there is), and
 clip the loss before rounding (a diverging run's loss would otherwise leave as an exact large number).

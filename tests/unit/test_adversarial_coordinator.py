@@ -12,7 +12,8 @@ Attacks: batches and noise recomputed from the public seed; ``mechanism = "none"
 cap; a raised target ε; a lower noise multiplier; a bigger δ; another accountant; a state folder named by the
 coordinator (and a renamed campaign to reset the budget); local files named as training data; more work per
 round than the contributor takes on; a SecAgg+ round whose parameters are bad, trained before they were checked;
-exact losses, token and sample counts, shard sizes and ε in the replies.
+exact losses, token and sample counts, shard sizes and ε in the replies; a train loss, even coarse, that the
+contributor did not choose to send.
 """
 
 from __future__ import annotations
@@ -534,6 +535,33 @@ def test_plain_replies_and_declines_carry_no_private_statistic(tmp_path: Path, s
     for reply in (trained, budget):
         assert_nothing_private(reply, private)
     declined_for(budget, "ε budget")
+
+
+def test_the_train_loss_stays_with_the_contributor_unless_its_policy_sends_it(tmp_path: Path) -> None:
+    """The mean train loss is an un-noised function of the shard, computed on a model the coordinator chose: with
+    a crafted adapter and a batch of one it reads single records, round after round, outside any ε. Two
+    contributors with as many records, one holding prose and one noise, get the same request; the coordinator
+    must not be able to tell them apart (with the loss sent, even on its 0.25 grid: 5.5 against 6.5)."""
+    fed = FED | {"local_steps": 10, "batch_size": 8}  # a mean over ~80 sequences: the two shards' gap is stable
+    cfg = CampaignConfig.from_dict(small_campaign(privacy=DP, federation=fed, model={"name": "builtin:stdlib-llama"}))
+    model, _ = build_model(cfg)
+    start, fingerprint = trainable_arrays(model), base_fingerprint(cfg.model)
+    prose = DATA.read_text().splitlines()[:300]
+    rng = np.random.default_rng(0)
+    noise = ["".join(rng.choice(list("qxzjkvwy0123456789#@%"), 150)) for _ in prose]
+    replies, logged = {}, {}
+    for name, lines in {"prose": prose, "noise": [json.dumps({"text": t}) for t in noise]}.items():
+        own = tmp_path / f"{name}.jsonl"
+        own.write_text("\n".join(lines) + "\n")
+        c = contributor(tmp_path / name, data=str(own))
+        replies[name] = dict(c.train(cfg, 1, start, fingerprint).content.metric_records["metrics"])
+        logged[name] = c.rounds()[-1]["train_loss"]  # the contributor's own log keeps the exact loss
+    assert logged["noise"] - logged["prose"] > GRID, logged  # apart on the grid: what the coordinator could read
+    assert "train_loss" not in replies["prose"]
+    assert replies["prose"] == replies["noise"]
+    sharing = contributor(tmp_path / "sharing", policy={"report_train_loss": True}, data=str(tmp_path / "noise.jsonl"))
+    sent = sharing.train(cfg, 1, start, fingerprint).content.metric_records["metrics"]["train_loss"]
+    assert float(sent) == round(sharing.rounds()[-1]["train_loss"] / GRID) * GRID  # opted in: the coarse loss
 
 
 class RecordingGrid(InProcessGrid):

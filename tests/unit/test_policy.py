@@ -141,7 +141,9 @@ def test_join_refuses_to_start_with_the_simulation_seed_set(tmp_path: Path) -> N
 def test_simulated_contributors_get_their_policy_from_the_launcher_once(tmp_path: Path) -> None:
     raw = small_campaign(privacy=DP | {"personal_max_epsilon": {"1": 1.5}, "accountant": "rdp"})
     cfg = CampaignConfig.from_dict(raw)
-    assert simulated_policy(cfg, 0) == ContributorPolicy(max_epsilon=4.0, accountant="rdp", secagg_min_cohort=2)
+    assert simulated_policy(cfg, 0) == ContributorPolicy(
+        max_epsilon=4.0, accountant="rdp", secagg_min_cohort=2, report_train_loss=True
+    )
     assert simulated_policy(cfg, 1).max_epsilon == 1.5
     plain = simulated_policy(CampaignConfig.from_dict(small_campaign()), 0)
     assert not plain.require_dp
