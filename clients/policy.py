@@ -331,7 +331,8 @@ def update_policy_file(state_dir: str | os.PathLike[str], changes: Mapping[str, 
 def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolicy:
     """A virtual contributor's policy, written by the local launcher: the researcher's campaign is its own.
 
-    It accepts the campaign as configured (its DP mechanism, accountant, δ and secure-aggregation minimum), caps
+    It accepts the campaign as configured (its DP mechanism, any noise multiplier, accountant, δ and
+    secure-aggregation minimum: an ablation at ε = 10⁵ is the researcher's to run), caps
     ε at the campaign's target or at ``[privacy] personal_max_epsilon``'s entry for the partition, and keeps the
     defaults for everything else (the work caps raised to the campaign's, if it asks for more; the train loss
     reported, since the researcher owns the data). Later rounds cannot change it: it is a file in the
@@ -345,6 +346,7 @@ def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolic
         max_rank=max(ContributorPolicy.max_rank, cfg.lora.rank),
         max_batch_size=max(ContributorPolicy.max_batch_size, cfg.federation.batch_size),
         require_dp=priv.mechanism == "dp-sgd",
+        min_noise_multiplier=0.0,
         max_epsilon=float(cap if cap is not None else priv.target_epsilon),
         max_delta=max(ContributorPolicy.max_delta, resolve_delta(priv.delta or None)),
         accountant=priv.accountant,

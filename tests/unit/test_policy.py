@@ -142,7 +142,7 @@ def test_simulated_contributors_get_their_policy_from_the_launcher_once(tmp_path
     raw = small_campaign(privacy=DP | {"personal_max_epsilon": {"1": 1.5}, "accountant": "rdp"})
     cfg = CampaignConfig.from_dict(raw)
     assert simulated_policy(cfg, 0) == ContributorPolicy(
-        max_epsilon=4.0, accountant="rdp", secagg_min_cohort=2, report_train_loss=True
+        max_epsilon=4.0, accountant="rdp", secagg_min_cohort=2, report_train_loss=True, min_noise_multiplier=0.0
     )
     assert simulated_policy(cfg, 1).max_epsilon == 1.5
     plain = simulated_policy(CampaignConfig.from_dict(small_campaign()), 0)
