@@ -147,7 +147,7 @@ class LocalRun(Protocol):
     device: torch.device
     steps_taken: int
 
-    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> None: ...
+    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> torch.Tensor | None: ...
 
     def accumulate(self) -> None: ...
 
@@ -171,10 +171,14 @@ class PlainRun:
     steps_taken: int = 0
     scaler: torch.amp.GradScaler | None = None
 
-    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> None:
-        """Gradient of the batch's mean loss; a micro-batch's ``losses`` are summed over ``batch_rows`` rows."""
+    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> torch.Tensor | None:
+        """Gradient of the batch's mean loss; a micro-batch's ``losses`` are summed over ``batch_rows`` rows.
+
+        Always ``None`` (no rows to run again): without DP the update is not private anyway.
+        """
         loss = losses.mean() if batch_rows is None else losses.sum() / batch_rows
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return None
 
     def accumulate(self) -> None:
         """Between micro-batches: gradients simply add up in ``.grad``."""
@@ -274,16 +278,24 @@ def train_step(
     chunks = micro_batches({k: v.to(run.device, non_blocking=True) for k, v in batch.items()}, micro_batch_size)
     total = 0.0
     for i, chunk in enumerate(chunks):
-        with (precision or Precision()).autocast():
-            losses = loss_fn(run.module, chunk)
-        if losses.dim() != 1:
-            raise ValueError(f"loss_fn must return per-sample losses of shape (batch,), got {tuple(losses.shape)}")
-        run.backward(losses, rows if len(chunks) > 1 else None)
+        losses = _chunk_losses(run, chunk, loss_fn, precision)
+        redo = run.backward(losses, rows if len(chunks) > 1 else None)
+        if redo is not None and not bool(redo.all()):  # DP, ghost mode: the chunk again without non-finite rows
+            keep = (~redo).nonzero().flatten().to(run.device)
+            run.backward(_chunk_losses(run, {k: v[keep] for k, v in chunk.items()}, loss_fn, precision), rows)
         total += float(losses.detach().float().sum())
         if i < len(chunks) - 1:
             run.accumulate()
     run.step()
     return total / rows
+
+
+def _chunk_losses(run: LocalRun, chunk: Batch, loss_fn: LossFn, precision: Precision | None) -> torch.Tensor:
+    with (precision or Precision()).autocast():
+        losses = loss_fn(run.module, chunk)
+    if losses.dim() != 1:
+        raise ValueError(f"loss_fn must return per-sample losses of shape (batch,), got {tuple(losses.shape)}")
+    return losses
 
 
 def _endless(loader: Iterable[Any]) -> Iterator[Any]:

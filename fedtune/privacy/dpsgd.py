@@ -27,7 +27,14 @@ Pitfalls (see DESIGN.md, "Differential privacy"):
   :func:`batch_rows` reads both as empty. It also reads ``dataset[0]`` when built, so the dataset must be
   non-empty and its items iterable;
 - an empty batch still takes a noise-only step (:meth:`PrivateRun.empty_step`): skipping it would reveal
-  that the batch was empty, which the accounting does not cover.
+  that the batch was empty, which the accounting does not cover;
+- a sequence whose gradient is not finite must contribute nothing, not NaN: clipping scales by ``C / norm``,
+  which leaves NaN and turns ∞ into ``0 · ∞``, and one NaN row poisons the whole noised sum. The coordinator
+  chooses the adapter, and a crafted one overflows on chosen content (a token, a phrase), so a NaN update
+  would tell it, outside any ε, that a sampled record held it. Dropping such rows is itself a clipping
+  function (norm 0 ≤ C), so the guarantee stands: hooks mode zeroes their per-sample gradients; ghost mode
+  cannot separate them from its clipped sum, so :meth:`PrivateRun.backward` discards the chunk's sum and
+  names the rows, and :func:`fedtune.clients.trainer.train_step` runs the chunk again without them.
 """
 
 from __future__ import annotations
@@ -137,11 +144,14 @@ class PrivateRun:
     def _count_step(self, _optimizer: Any = None) -> None:
         self.steps_taken += 1
 
-    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> None:
+    def backward(self, losses: torch.Tensor, batch_rows: int | None = None) -> torch.Tensor | None:
         """Per-sample gradients (hooks) or norms plus the clipped sum (ghost) of per-sequence ``losses``.
 
         ``losses`` may be one micro-batch of a larger batch (``batch_rows``): Opacus rescales the chunk's mean
         loss to per-sample gradients either way, and the noised sum is divided by the expected batch size.
+        Rows whose loss or gradient is not finite contribute nothing (module docstring). Returns ``None``, or
+        in ghost mode the mask of such rows after discarding the chunk's sum: the caller runs the chunk again
+        without them.
         """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -151,6 +161,21 @@ class PrivateRun:
                 DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean").backward()  # type: ignore[arg-type]
             else:
                 losses.mean().backward()
+        bad = ~torch.isfinite(losses.detach())
+        if self.grad_sample_mode == "ghost":
+            bad |= ~torch.isfinite(self.module.per_sample_gradient_norms.to(bad.device))  # type: ignore[union-attr]
+            if not bool(bad.any()):
+                return None
+            for p in self.optimizer.params:
+                p.grad = torch.zeros_like(p)  # the chunk's sum is gone; an all-bad chunk adds nothing
+            return bad
+        samples = [p.grad_sample for p in self.optimizer.params if p.grad_sample is not None]
+        for g in samples:
+            bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
+        if bool(bad.any()):
+            for g in samples:
+                g[bad.to(g.device)] = 0.0
+        return None
 
     def accumulate(self) -> None:
         """Between micro-batches: clip this chunk's per-sample gradients into the step's sum, draw no noise.

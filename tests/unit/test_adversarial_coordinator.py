@@ -13,7 +13,7 @@ cap; a raised target ε; a lower noise multiplier; a bigger δ; another accounta
 coordinator (and a renamed campaign to reset the budget); local files named as training data; more work per
 round than the contributor takes on; a SecAgg+ round whose parameters are bad, trained before they were checked;
 exact losses, token and sample counts, shard sizes and ε in the replies; a train loss, even coarse, that the
-contributor did not choose to send.
+contributor did not choose to send; an adapter crafted to overflow on chosen content.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tomli_w
+import torch
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -562,6 +563,43 @@ def test_the_train_loss_stays_with_the_contributor_unless_its_policy_sends_it(tm
     sharing = contributor(tmp_path / "sharing", policy={"report_train_loss": True}, data=str(tmp_path / "noise.jsonl"))
     sent = sharing.train(cfg, 1, start, fingerprint).content.metric_records["metrics"]["train_loss"]
     assert float(sent) == round(sharing.rounds()[-1]["train_loss"] / GRID) * GRID  # opted in: the coarse loss
+
+
+def overflow_adapter(cfg: CampaignConfig, text: str, scale: float) -> dict[str, np.ndarray]:
+    """The coordinator's crafted A+B adapter: layer 0's query and key grow along one direction, ``text``'s input
+    to that layer, so the attention score of a sequence holding ``text`` overflows and those of others do not."""
+    model, tokenizer = build_model(cfg)
+    (token,) = tokenizer.encode(text, add_special_tokens=False)
+    inner = model.base_model.model.model
+    with torch.no_grad():
+        x = inner.layers[0].input_layernorm(inner.embed_tokens.weight)[token]
+    crafted = {}
+    for name, value in trainable_arrays(model).items():
+        value = np.zeros_like(value)
+        if "layers.0." in name and ("q_proj" in name or "k_proj" in name):
+            if "lora_A" in name:
+                value[0] = (x / x.norm()).numpy()
+            else:
+                value[0, 0] = scale
+        crafted[name] = value
+    return crafted
+
+
+def test_a_crafted_adapter_that_overflows_on_chosen_content_learns_nothing(tmp_path: Path) -> None:
+    """One sequence whose gradient is not finite used to make the whole noised update NaN. With an adapter that
+    overflows on one letter, the coordinator read from the update whether a contributor's sampled records held
+    it: a membership test outside any ε. Such sequences now add nothing, and both updates are finite."""
+    lora = {"mode": "lora", "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "k_proj"]}
+    fed = FED | {"local_steps": 4, "batch_size": 8}
+    cfg = CampaignConfig.from_dict(small_campaign(privacy=DP, federation=fed, lora=lora))
+    crafted, fingerprint = overflow_adapter(cfg, "x", 1e4), base_fingerprint(cfg.model)
+    prose = [json.loads(line)["text"].replace("x", "y")[:40] for line in DATA.read_text().splitlines()[:300]]
+    for name, prefix in {"holds the letter": "x ", "does not": ""}.items():
+        own = tmp_path / f"{name}.jsonl"
+        own.write_text("".join(json.dumps({"text": prefix + line}) + "\n" for line in prose))
+        reply = contributor(tmp_path / name, data=str(own)).train(cfg, 1, crafted, fingerprint)
+        update = adapter(reply, crafted)
+        assert all(np.isfinite(v).all() for v in update.values()), f"the update of the one that {name} is not finite"
 
 
 class RecordingGrid(InProcessGrid):

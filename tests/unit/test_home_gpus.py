@@ -7,13 +7,23 @@ generator, so the same noise), a brute-force per-example loop for per-sample gra
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from fedtune.clients.trainer import PlainRun, Randomness, micro_batches, train_local, train_step
+from fedtune.clients.trainer import (
+    Batch,
+    LossFn,
+    PlainRun,
+    Randomness,
+    causal_lm_loss,
+    micro_batches,
+    train_local,
+    train_step,
+)
 from fedtune.config import CampaignConfig
 from fedtune.ml.data import TokenizedSet
 from fedtune.ml.model import QuantizationUnavailable, build_model, quantization_config
@@ -40,7 +50,15 @@ def shard(model_path: Path) -> TokenizedSet:
     return make_shard(AutoTokenizer.from_pretrained(model_path), LONG_TEXTS)
 
 
-def dp_step(model: nn.Module, batch: dict, mode: str, micro: int, bound: float, noise_seed: int) -> PrivateRun:
+def dp_step(
+    model: nn.Module,
+    batch: dict,
+    mode: str,
+    micro: int,
+    bound: float,
+    noise_seed: int,
+    loss_fn: LossFn = causal_lm_loss,
+) -> PrivateRun:
     """One DP-SGD step (σ = 0.8, SGD lr 1: the parameters move by exactly the noised clipped mean)."""
     run = make_private(
         model,
@@ -51,7 +69,7 @@ def dp_step(model: nn.Module, batch: dict, mode: str, micro: int, bound: float, 
         grad_sample_mode=mode,  # type: ignore[arg-type]
         noise_generator=torch.Generator().manual_seed(noise_seed),
     )
-    assert train_step(run, batch, micro_batch_size=micro) is not None
+    assert train_step(run, batch, loss_fn, micro_batch_size=micro) is not None
     run.close()
     return run
 
@@ -75,6 +93,35 @@ def test_micro_batched_dp_step_equals_the_whole_batch_step(
     other = lora_model(model_path)
     dp_step(other, batch, mode, micro, bound, noise_seed=12)
     assert relative_error(weights(other) - start, moved) > 0.1
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("micro", [0, 2])
+def test_sequences_whose_gradient_is_not_finite_add_nothing_to_a_dp_step(
+    model_path: Path, shard: TokenizedSet, mode: str, micro: int
+) -> None:
+    """The coordinator chooses the adapter, and a crafted one overflows on chosen content: one NaN gradient used
+    to make the whole noised update NaN, telling the coordinator that a sampled record held that content. Such
+    sequences now add nothing: the step equals the step on the batch without them, with the same noise."""
+    held_by = Counter(t for ids in shard.ids for t in set(ids))
+    marker = min(held_by, key=lambda t: (abs(held_by[t] - 2), t))  # a token two sequences hold
+    held = [marker in ids for ids in shard.ids]
+    assert 0 < sum(held) < len(held) - 1, held
+
+    def crafted(module: nn.Module, batch: Batch) -> torch.Tensor:  # the overflow, on the marker's sequences
+        losses = causal_lm_loss(module, batch)
+        scale = torch.ones_like(losses)  # not torch.where: its backward gives the other rows 0 · ∞ too
+        scale[(batch["input_ids"] == marker).any(dim=1)] = float("inf")
+        return losses * scale
+
+    start = weights(lora_model(model_path))
+    poisoned, reference = lora_model(model_path), lora_model(model_path)
+    dp_step(poisoned, shard.pad(shard.ids), mode, micro, 0.5, noise_seed=11, loss_fn=crafted)
+    others = [ids for ids, h in zip(shard.ids, held, strict=True) if not h]
+    dp_step(reference, shard.pad(others), mode, micro, 0.5, noise_seed=11)
+    moved = weights(poisoned) - start
+    assert bool(torch.isfinite(moved).all()), "a non-finite gradient reached the update"
+    assert relative_error(moved, weights(reference) - start) < 1e-5
 
 
 def test_micro_batched_plain_step_equals_the_whole_batch_step(model_path: Path, shard: TokenizedSet) -> None:
