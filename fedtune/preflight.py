@@ -237,6 +237,14 @@ def check_lora(cfg: CampaignConfig, hf_config: Any) -> None:
                 f"names of layers of {cfg.model.name} (e.g. {', '.join(adaptable[:8])})",
                 target,
             )
+        if cfg.privacy.mechanism == "dp-sgd" and any(isinstance(modules[n], torch.nn.Embedding) for n in matched):
+            raise _error(
+                cfg,
+                "[lora] target_modules",
+                "linear layers under DP-SGD (Opacus computes no per-sequence gradients for PEFT's embedding LoRA, "
+                "so every round would fail)",
+                target,
+            )
         for name in matched:
             weight = getattr(modules[name], "weight", None)
             if weight is not None and weight.dim() >= 2:

@@ -152,6 +152,11 @@ def test_truncated_weights(capsys, tmp_path, write_campaign) -> None:
         ({"lora": {"rank": 4096}}, "[lora] rank", "an integer <= 128"),
         ({"data": {"max_seq_len": 1}}, "[data] max_seq_len", "an integer >= 2"),
         ({"data": {"max_seq_len": 100_000}}, "[data] max_seq_len", "an integer <= 512"),
+        (
+            {"lora": {"target_modules": ["q_proj", "embed_tokens"]}, "privacy": {"mechanism": "dp-sgd"}},
+            "[lora] target_modules",
+            "linear layers under DP-SGD",
+        ),
     ],
 )
 def test_model_shaped_settings(capsys, tmp_path, write_campaign, sections, key, expected) -> None:
