@@ -34,7 +34,8 @@ Pitfalls (see DESIGN.md, "Differential privacy"):
   would tell it, outside any ε, that a sampled record held it. Dropping such rows is itself a clipping
   function (norm 0 ≤ C), so the guarantee stands: hooks mode zeroes their per-sample gradients; ghost mode
   cannot separate them from its clipped sum, so :meth:`PrivateRun.backward` discards the chunk's sum and
-  names the rows, and :func:`fedtune.clients.trainer.train_step` runs the chunk again without them.
+  names the rows, and :func:`fedtune.clients.trainer.train_step` runs the chunk again without them (a
+  pass the coordinator could time; hooks mode has no such signal).
 """
 
 from __future__ import annotations
