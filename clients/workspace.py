@@ -354,13 +354,15 @@ def open_workspace(
         return reason
     device = str(node_config.get("device", "cpu"))
     campaign = _campaign_key(campaign_toml)
-    shard_key = (campaign, partition_id, num_partitions, cfg.data.source)
+    own = str(node_config.get("data", ""))
+    hold_out = not (own and cfg.data.source == own)  # the contributor's own --data: all of it trains
+    shard_key = (campaign, partition_id, num_partitions, cfg.data.source, hold_out)
     if cfg.simulation.workspace_cache:
         model_key, models, shards = (campaign, choice.rank, device), CACHE.max_models, CACHE.max_shards
     else:  # fedtune's former cache: one contributor's model and shard, rebuilt when another one comes
         model_key, models, shards = (campaign, choice.rank, device, partition_id, num_partitions), 1, 1
     model, tokenizer = CACHE.model(model_key, lambda: build_model(cfg, device, rank=choice.rank), models)
-    shard = CACHE.shard(shard_key, lambda: load_shard(cfg, tokenizer, partition_id, num_partitions), shards)
+    shard = CACHE.shard(shard_key, lambda: load_shard(cfg, tokenizer, partition_id, num_partitions, hold_out), shards)
     CACHE.counts["rounds"] += 1
     _write_stats(os.environ.get(SIMULATION_STATE_ROOT_ENV, ""), node_config)
     return Workspace(cfg, model, shard, choice, Precision.of(cfg.model.dtype, device))

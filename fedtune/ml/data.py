@@ -130,9 +130,13 @@ def split_eval(cfg: CampaignConfig, ds: Dataset) -> tuple[Dataset, Dataset]:
     return ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
 
 
-def training_pool(cfg: CampaignConfig, ds: Dataset) -> Dataset:
-    """What the contributors share out: everything, or what the carved-out eval split leaves (no explicit eval set)."""
-    if cfg.evaluation.source:
+def training_pool(cfg: CampaignConfig, ds: Dataset, hold_out: bool = True) -> Dataset:
+    """What the contributors share out: everything, or what the carved-out eval split leaves (no explicit eval set).
+
+    ``hold_out=False``: everything, whatever the campaign says; a deployed contributor's own data is nobody's
+    eval set, so carving one out of it would only cost it examples (and hand the coordinator a knob for that).
+    """
+    if cfg.evaluation.source or not hold_out:
         if len(ds) < cfg.simulation.contributors:
             raise DataError(
                 f"{cfg.data.source}: {len(ds)} examples is too few for {cfg.simulation.contributors} contributors"
@@ -282,11 +286,16 @@ def load_eval(cfg: CampaignConfig, tokenizer) -> TokenizedSet:
     return tokenize(cfg.data, load_eval_rows(cfg), tokenizer, bos=ev.bos, eos=ev.eos)
 
 
-def load_shard(cfg: CampaignConfig, tokenizer, partition_id: int, num_partitions: int) -> TokenizedSet:
-    """A virtual contributor's tokenized shard, plus its ``[simulation] extra_data`` records if any."""
+def load_shard(
+    cfg: CampaignConfig, tokenizer, partition_id: int, num_partitions: int, hold_out: bool = True
+) -> TokenizedSet:
+    """A contributor's tokenized shard, plus its ``[simulation] extra_data`` records if any.
+
+    ``hold_out`` as in :func:`training_pool` (``False`` for a deployed contributor's own ``--data``).
+    """
     from datasets import concatenate_datasets
 
-    pool = training_pool(cfg, load_raw(cfg.data))
+    pool = training_pool(cfg, load_raw(cfg.data), hold_out)
     shard = partition(cfg, pool, partition_id, num_partitions)
     extra = cfg.simulation.extra_data.get(str(partition_id))
     if extra:

@@ -10,10 +10,11 @@ key and, where the test needs one, a hand-written ``policy.toml`` (the file a co
 
 Attacks: batches and noise recomputed from the public seed; ``mechanism = "none"`` against a contributor with a
 cap; a raised target ε; a lower noise multiplier; a bigger δ; another accountant; a state folder named by the
-coordinator (and a renamed campaign to reset the budget); local files named as training data; more work per
-round than the contributor takes on; a SecAgg+ round whose parameters are bad, trained before they were checked;
-exact losses, token and sample counts, shard sizes and ε in the replies; a train loss, even coarse, that the
-contributor did not choose to send; an adapter crafted to overflow on chosen content.
+coordinator (and a renamed campaign to reset the budget); local files named as training data; an eval carve-out
+of the contributor's own data; more work per round than the contributor takes on; a SecAgg+ round whose
+parameters are bad, trained before they were checked; exact losses, token and sample counts, shard sizes and ε in
+the replies; a train loss, even coarse, that the contributor did not choose to send; an adapter crafted to
+overflow on chosen content.
 """
 
 from __future__ import annotations
@@ -141,13 +142,16 @@ def old_public_seed(cfg: CampaignConfig, server_round: int, partition: int) -> i
     return cfg.campaign.seed * 1_000_003 + server_round * 1009 + partition
 
 
-def coordinator_replay(cfg: CampaignConfig, start: dict, randomness: Randomness, scratch: Path) -> dict:
+def coordinator_replay(
+    cfg: CampaignConfig, start: dict, randomness: Randomness, scratch: Path, deployed: bool = True
+) -> dict:
     """The coordinator recomputes partition 0's round: same base, shard and calibration, and the given randomness.
 
     It knows everything but the contributor's randomness (the worst case: in simulation it even holds the shard).
+    A deployed contributor trains on all of its own data; a simulated one on what the eval carve-out leaves.
     """
     model, tokenizer = build_model(cfg)
-    shard = load_shard(cfg, tokenizer, 0, PARTITIONS)
+    shard = load_shard(cfg, tokenizer, 0, PARTITIONS, hold_out=not deployed)
     fed = cfg.federation
     params = PrivacyParams.from_campaign(cfg.privacy, campaign_rounds=fed.rounds)
     privacy = ContributorPrivacy.load(
@@ -212,7 +216,8 @@ def test_coordinator_cannot_recompute_a_round_from_the_public_seed(
     from fedtune.clients.policy import ContributorPolicy
 
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    replay = coordinator_replay(cfg, start, round_randomness(ctx, ContributorPolicy(), 1, "cpu"), tmp_path / "r2")
+    randomness = round_randomness(ctx, ContributorPolicy(), 1, "cpu")
+    replay = coordinator_replay(cfg, start, randomness, tmp_path / "r2", deployed=False)
     assert same(adapter(known, start), replay), "the replay is not faithful, so the mismatch above would prove nothing"
 
 
@@ -415,6 +420,20 @@ def test_local_files_named_by_the_coordinator_are_never_trained_on(
     assert with_data.steps_spent() == FED["local_steps"]
 
 
+def test_the_coordinator_cannot_hold_out_a_contributors_own_data(tmp_path: Path, start: dict, fingerprint: str) -> None:
+    """``[data] eval_fraction`` carves the coordinator's eval set out of the training source. Applied to a
+    contributor's own ``--data`` it only took examples away: a campaign holding out 90 % left this contributor 20
+    of its 200 records, below its minimum shard, and it declined. Its own data is nobody's eval set: all of it
+    trains."""
+    own = tmp_path / "own.jsonl"
+    own.write_text("\n".join(DATA.read_text().splitlines()[:200]) + "\n")
+    raw = small_campaign(privacy=DP, federation=FED, data={"eval_fraction": 0.9, "eval_max_examples": 10**6})
+    c = contributor(tmp_path / "c", data=str(own), **{"num-partitions": 1})
+    assert not is_decline(c.train(CampaignConfig.from_dict(raw), 1, start, fingerprint)), "declined its own data"
+    privacy = json.loads((c.state / "privacy.json").read_text())
+    assert privacy["sample_rate"] == pytest.approx(FED["batch_size"] / 200)  # batch / all 200 records
+
+
 @pytest.mark.slow
 def test_renaming_the_campaign_does_not_reset_the_budget(
     tmp_path: Path, start: dict, fingerprint: str, simulation_root: Path
@@ -490,7 +509,8 @@ def assert_nothing_private(reply: Message, private: dict[str, float]) -> None:
 def private_figures(c: Contributor, cfg: CampaignConfig, partition: int = 0) -> dict[str, float]:
     """The exact figures the contributor keeps to itself: its own log, and its shard size."""
     _, tokenizer = build_model(cfg)
-    figures = {"shard size": float(len(load_shard(cfg, tokenizer, partition, PARTITIONS)))}
+    own = load_shard(cfg, tokenizer, partition, PARTITIONS, hold_out=False)  # deployed: all of its --data trains
+    figures = {"shard size": float(len(own))}
     for row in c.rounds():
         if not row.get("declined"):  # not the sample count: it may equal the assigned one by chance (keys check it)
             figures |= {f"round {row['round']} {k}": float(row[k]) for k in ("tokens", "train_loss")}
