@@ -102,6 +102,8 @@ class ContributorPolicy:
         γ: the fraction of a cohort assumed to collude with the coordinator (Sybils included).
     secagg_max_dropout_fraction
         δ_drop: the fraction of a cohort assumed to drop out during a round.
+    secagg_max_cohort
+        The largest SecAgg+ cohort this contributor takes part in (each member checks every member's signature).
     max_local_steps
         Decline a round asking for more optimizer steps (the contributor's compute per round).
     max_seq_len
@@ -130,6 +132,7 @@ class ContributorPolicy:
     secagg_security_bits: int = 40
     secagg_max_corrupt_fraction: float = 0.2
     secagg_max_dropout_fraction: float = 0.2
+    secagg_max_cohort: int = 10_000
     max_local_steps: int = 1000
     max_seq_len: int = 4096
     max_rank: int = 256
@@ -146,6 +149,7 @@ class ContributorPolicy:
             "max_delta must be in (0, 1)": 0 < self.max_delta < 1,
             "min_shard_size must be >= 1": self.min_shard_size >= 1,
             "secagg_min_cohort must be >= 2": self.secagg_min_cohort >= 2,
+            "secagg_max_cohort must be >= secagg_min_cohort": self.secagg_max_cohort >= self.secagg_min_cohort,
             "secagg_security_bits must be in [1, 128]": 1 <= self.secagg_security_bits <= 128,
             "secagg_max_corrupt_fraction must be in [0, 1)": 0 <= self.secagg_max_corrupt_fraction < 1,
             "secagg_max_dropout_fraction must be in [0, 1)": 0 <= self.secagg_max_dropout_fraction < 1,
@@ -352,6 +356,7 @@ def simulated_policy(cfg: CampaignConfig, partition_id: int) -> ContributorPolic
         accountant=priv.accountant,
         require_secagg=sec.protocol == "secagg+",
         secagg_min_cohort=sec.min_cohort,
+        secagg_max_cohort=max(ContributorPolicy.secagg_max_cohort, cfg.simulation.contributors),
         report_train_loss=True,
     )
 

@@ -49,6 +49,7 @@ def policy_changes(args: argparse.Namespace) -> dict[str, object]:
         "secagg_security_bits": args.secagg_security_bits,
         "secagg_max_corrupt_fraction": args.secagg_max_corrupt_fraction,
         "secagg_max_dropout_fraction": args.secagg_max_dropout_fraction,
+        "secagg_max_cohort": args.secagg_max_cohort,
         "max_local_steps": args.max_local_steps,
         "max_seq_len": args.max_seq_len,
         "report_train_loss": args.report_train_loss,
@@ -214,6 +215,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
         help="train only in secure-aggregation rounds (default off)",
     )
     policy.add_argument("--secagg-min-cohort", type=int, help="smallest secure-aggregation cohort (default 3)")
+    policy.add_argument("--secagg-max-cohort", type=int, help="largest secure-aggregation cohort (default 10000)")
     policy.add_argument("--secagg-security-bits", type=int, help="SecAgg+ security parameter κ (default 40)")
     policy.add_argument(
         "--secagg-max-corrupt-fraction", type=float, help="γ: cohort fraction assumed to collude (default 0.2)"

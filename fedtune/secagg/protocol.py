@@ -300,6 +300,8 @@ def check_round_params(params: SecAggParams, policy: SecAggPolicy, view_size: in
     before any share is dealt, since γ counts members of the view.
     """
     n = len(params.cohort) if view_size is None else view_size
+    if n > policy.max_cohort:  # before the sizing, whose cost grows with n
+        return f"a cohort of {n} is above this client's maximum {policy.max_cohort}"
     return check_sizing(n, params.neighbours, params.threshold, policy)
 
 

@@ -74,12 +74,16 @@ class SecAggPolicy:
         δ: each member's chance of dropping during a round; sizes t for liveness (never a reason to refuse).
     min_cohort : int
         The smallest signed cohort (and survivor set) this contributor takes part in.
+    max_cohort : int
+        The largest: a member checks every view member's signature and sizes the round over the whole cohort, so
+        a coordinator naming a million members would hold the machine for minutes each round.
     """
 
     security_bits: int = 40
     corrupt_fraction: float = 0.2
     dropout_fraction: float = 0.2
     min_cohort: int = 2
+    max_cohort: int = 10_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.security_bits <= 256:
@@ -90,6 +94,8 @@ class SecAggPolicy:
             raise ValueError(f"dropout_fraction must be in [0, 1), got {self.dropout_fraction}")
         if self.min_cohort < 2:
             raise ValueError(f"min_cohort must be at least 2, got {self.min_cohort}")
+        if self.max_cohort < self.min_cohort:
+            raise ValueError(f"max_cohort must be at least min_cohort ({self.min_cohort}), got {self.max_cohort}")
 
 
 def effective_degree(cohort_size: int, neighbours: int) -> int:

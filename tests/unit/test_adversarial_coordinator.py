@@ -469,6 +469,8 @@ def test_bad_secagg_parameters_are_refused_before_training(tmp_path: Path, start
         "not in the cohort": SecAggParams.create(cfg.campaign.name, 1, [7, 8, 9], n, QuantConfig(1.0, 16)),
         "other quantization": SecAggParams.create(cfg.campaign.name, 1, [1, 8, 9], n, QuantConfig(1e-6, 16)),
         "other campaign": SecAggParams.create("other", 1, [1, 8, 9], n, QuantConfig(1.0, 16)),
+        # a cohort past the contributor's maximum: signatures and sizing over 20,000 members, every round
+        "huge cohort": SecAggParams.create(cfg.campaign.name, 1, list(range(1, 20_001)), n, QuantConfig(1.0, 16)),
     }
     for case, params in bad.items():
         msg = {**SecAggServer(params, {}).advertise_request(), SECAGG_WEIGHT_MAX: 8.0}

@@ -105,5 +105,10 @@ def test_a_contributor_refuses_old_defaults_and_small_cohorts_by_its_own_policy(
     at_least_80 = SecAggPolicy(min_cohort=80)  # a cohort of 100 is claimed, a view of 60 signed
     assert check_round_params(sized, at_least_80) is None
     assert "cohort of 60 is below" in check_round_params(sized, at_least_80, view_size=60)
+    at_most_90 = SecAggPolicy(max_cohort=90)  # claimed or signed, a cohort above the maximum is declined
+    assert "cohort of 100 is above this client's maximum 90" in check_round_params(sized, at_most_90)
+    assert check_round_params(sized, at_most_90, view_size=90) is None
+    with pytest.raises(ValueError, match="max_cohort"):
+        SecAggPolicy(min_cohort=10, max_cohort=5)
     with pytest.raises(ValueError, match="corrupt_fraction"):
         SecAggPolicy(corrupt_fraction=1.0)
