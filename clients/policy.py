@@ -270,6 +270,11 @@ def names_local_path(source: str) -> bool:
     return looks_local(source) or Path(source).expanduser().exists()
 
 
+def own_data(node_config: Mapping[str, Any]) -> str:
+    """The contributor's own data (``fedtune join --data``, node config ``data``), or ``""`` when it has none."""
+    return str(node_config.get("data", ""))
+
+
 def apply_own_data(cfg: CampaignConfig, context: Context) -> Refusal | None:
     """Make ``cfg`` the campaign as this contributor runs it, or say why it will not train on the campaign's data.
 
@@ -282,7 +287,7 @@ def apply_own_data(cfg: CampaignConfig, context: Context) -> Refusal | None:
     if simulating(context):
         return None
     cfg.simulation = SimulationSection()
-    own = str(context.node_config.get("data", ""))
+    own = own_data(context.node_config)
     if own:
         cfg.data.source = own
         return None
@@ -457,7 +462,7 @@ def download_refusal(policy: ContributorPolicy, cfg: CampaignConfig) -> Refusal 
 
     wanted: list[tuple[str, str, Callable[[], Any], list[str]]] = []  # (what, repo id, its file list, the files)
     model = cfg.model
-    if not is_builtin(model.name) and not Path(model.name).expanduser().is_absolute():
+    if not is_builtin(model.name) and not names_local_path(model.name):
         try:
             snapshot_download(
                 model.name, revision=model.revision, allow_patterns=HUB_MODEL_FILES, local_files_only=True

@@ -217,6 +217,7 @@ def secagg_policy(context: Context, cfg: CampaignConfig) -> SecAggPolicy:
         corrupt_fraction=own.secagg_max_corrupt_fraction,
         dropout_fraction=own.secagg_max_dropout_fraction,
         min_cohort=max(own.secagg_min_cohort, cfg.secure_aggregation.min_cohort),
+        # never below the minimum (a campaign may raise it): SecAggPolicy refuses max < min
         max_cohort=max(own.secagg_max_cohort, own.secagg_min_cohort, cfg.secure_aggregation.min_cohort),
     )
 

@@ -56,7 +56,7 @@ from fedtune.ml.precision import Precision
 from fedtune.wire import Work
 
 from .join_checks import NODE_BATCH_SIZE, NODE_MAX_RANK, NODE_MICRO_BATCH
-from .policy import SIMULATION_STATE_ROOT_ENV
+from .policy import SIMULATION_STATE_ROOT_ENV, own_data
 
 log = logging.getLogger("fedtune.client")
 
@@ -354,7 +354,7 @@ def open_workspace(
         return reason
     device = str(node_config.get("device", "cpu"))
     campaign = _campaign_key(campaign_toml)
-    own = str(node_config.get("data", ""))
+    own = own_data(node_config)
     hold_out = not (own and cfg.data.source == own)  # the contributor's own --data: all of it trains
     shard_key = (campaign, partition_id, num_partitions, cfg.data.source, hold_out)
     if cfg.simulation.workspace_cache:
